@@ -1,0 +1,1 @@
+"""Data: TFRecord schema and writer, converters (sources/), rendering, text, tokenizer, tf.data pipeline."""
