@@ -1,0 +1,34 @@
+"""Pretrain a vision-language model.
+
+  python launch/pretrain.py --config=configs/convirt.py:demo --workdir=runs/convirt_demo
+  python launch/pretrain.py --config=configs/mgca.py --workdir=runs/mgca --config.train.batch_size=64
+
+A rerun with the same --workdir resumes from its latest checkpoint on the same data order.
+"""
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<method>.py[:variant]", lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, TensorBoard events and results go")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    from medvlp_jax import app as app_lib
+    app_lib.run_main(lambda: _train())
+
+
+def _train():
+    from medvlp_jax.train import loop
+    loop.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,176 @@
+"""Config helpers: ``parse_arg`` for ``configs/<method>.py:<variant>``, the shared base config, validation.
+
+Every ``configs/<method>.py`` calls ``base(variant)`` for the data/model/optimiser/mesh/checkpoint defaults
+of the variant, then sets ``config.method``. Variants:
+
+  (none)  the paper's setup: MIMIC-CXR, ViT-B/16 at 224, BERT-base (Bio_ClinicalBERT) at 112 tokens, batch 144.
+  demo    the built-in demo data (IU reports + rendered radiographs), tiny ViT and BERT, minutes on a CPU.
+  test    the demo shapes shrunk further: seconds; used by the test suite.
+
+Extra ``key=value`` pairs after the variant set fields: ``configs/mgca.py:demo,image=resnet``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+
+VARIANTS = ("paper", "demo", "test")
+
+
+PREPARE_COMMANDS = {
+    "mimic_cxr": "python launch/prepare_data.py mimic_cxr --source=<MIMIC-CXR-JPG dir> --reports=<reports dir> "
+                 "--out=data/mimic_cxr",
+    "demo_iu": "python launch/prepare_data.py demo --out=data/demo_iu",
+}
+
+
+class ConfigError(ValueError):
+    """A config field is wrong; the message names the field and the fix (one line)."""
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """Parses 'demo,image=resnet' into ConfigDict(variant='demo', image='resnet', ...defaults)."""
+    out = dict(variant="paper", **defaults)
+    for part in filter(None, (arg or "").split(",")):
+        if "=" in part:
+            key, value = part.split("=", 1)
+            if key not in out:
+                raise ConfigError(f"unknown config argument {key!r}; known: {sorted(out)}")
+            out[key] = type(out[key])(value) if out[key] is not None else value
+        elif part in VARIANTS:
+            out["variant"] = part
+        else:
+            raise ConfigError(f"unknown config variant {part!r}; known: {list(VARIANTS)}")
+    return ml_collections.ConfigDict(out)
+
+
+def _vit(size: str) -> dict[str, Any]:
+    return {
+        "tiny": dict(name="vit", patch_size=16, width=192, depth=4, num_heads=3, mlp_dim=768),
+        "test": dict(name="vit", patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64),
+        "b16": dict(name="vit", patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072),
+    }[size]
+
+
+def base(variant: str = "paper", image: str = "vit") -> ml_collections.ConfigDict:
+    """The shared defaults for one variant (see module docstring)."""
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown variant {variant!r}; known: {list(VARIANTS)}")
+    c = ml_collections.ConfigDict()
+    c.variant = variant
+    c.seed = 0
+
+    # ---- data: prepared TFRecord shards (launch/prepare_data.py) ----
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "mimic_cxr" if variant == "paper" else "demo_iu"
+    c.data.root = {"paper": "data/mimic_cxr", "demo": "data/demo_iu", "test": ""}[variant]
+    c.data.train_split = "train"
+    c.data.eval_split = "test"
+    c.data.tokenizer_dir = os.path.join(c.data.root, "tokenizer") if variant != "paper" else \
+        "checkpoints/Bio_ClinicalBERT"
+    c.data.max_text_len = {"paper": 112, "demo": 64, "test": 16}[variant]
+    c.data.resize = {"paper": 256, "demo": 146, "test": 40}[variant]     # resize the stored image to this
+    c.data.crop = {"paper": 224, "demo": 128, "test": 32}[variant]       # random crop (train) / center crop (eval)
+    c.data.channels = 3 if variant == "paper" else 1                      # grayscale replicated for ImageNet stems
+    c.data.random_flip = False          # MGCA uses no flips (a flip swaps left/right findings in the report)
+    c.data.shuffle_buffer = {"paper": 10_000, "demo": 2_048, "test": 64}[variant]
+    c.data.skip_bad_records = False     # True: corrupt records are counted and skipped, not fatal
+    c.data.prefetch = 2                 # host-side batches prepared ahead of the step
+    c.data.auto_prepare = variant == "demo"   # the demo prepares its own data on first run
+
+    # ---- model ----
+    c.model = ml_collections.ConfigDict()
+    img = ml_collections.ConfigDict(
+        _vit({"paper": "b16", "demo": "tiny", "test": "test"}[variant]))
+    if image == "resnet":
+        img = ml_collections.ConfigDict(dict(name="resnet50", resize_to=299 if variant == "paper" else 0,
+                                             stage_sizes=(3, 4, 6, 3), width=64))
+        if variant != "paper":
+            img.stage_sizes, img.width = (1, 1, 1, 1), 8 if variant == "test" else 16
+    img.image_size = c.data.crop
+    img.channels = c.data.channels
+    img.hf_checkpoint = ""
+    c.model.image = img
+    c.model.text = ml_collections.ConfigDict(dict(
+        vocab_size={"paper": 28996, "demo": 3000, "test": 500}[variant],
+        width={"paper": 768, "demo": 128, "test": 32}[variant],
+        depth={"paper": 6, "demo": 2, "test": 1}[variant],
+        num_heads={"paper": 12, "demo": 2, "test": 2}[variant],
+        mlp_dim={"paper": 3072, "demo": 512, "test": 64}[variant],
+        max_position=512 if variant == "paper" else 128,
+        type_vocab_size=2, layer_norm_eps=1e-12, dropout=0.1 if variant == "paper" else 0.0,
+        use_position_ids=True, merge_word_pieces=True, sum_last_layers=1,
+        hf_checkpoint="checkpoints/Bio_ClinicalBERT" if variant == "paper" else ""))
+    c.model.proj = ml_collections.ConfigDict(dict(
+        kind="mlp_bn" if variant == "paper" else "linear", dim={"paper": 128, "demo": 128, "test": 16}[variant],
+        hidden=2048 if variant == "paper" else 256))
+    c.model.dtype = "float32"    # compute dtype; "bfloat16" keeps float32 master weights
+    c.model.remat = False        # jax.checkpoint per encoder block (fits larger batches)
+
+    # ---- optimiser (MGCA: AdamW 2e-5, wd 0.05, 40% linear warm-up then cosine, per step) ----
+    c.optim = ml_collections.ConfigDict(dict(
+        lr={"paper": 2e-5, "demo": 1e-3, "test": 1e-3}[variant], min_lr=1e-8,
+        weight_decay=0.05 if variant == "paper" else 1e-4,
+        b1=0.9, b2=0.999, warmup_fraction=0.4 if variant == "paper" else 0.1,
+        clip_norm=1.0, grad_accum_steps=1))
+
+    # ---- training length, logging, checkpoints ----
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size={"paper": 144, "demo": 64, "test": 8}[variant],   # global batch
+        epochs=50 if variant == "paper" else 0,
+        total_steps={"paper": -1, "demo": 500, "test": 6}[variant],   # -1: derive from epochs
+        log_every_steps={"paper": 50, "demo": 25, "test": 2}[variant],
+        ckpt_every_steps={"paper": 1000, "demo": 100, "test": 3}[variant],
+        keep_ckpts=3,
+        nonfinite="skip",          # "skip": drop the update and count it; "stop": raise with step + record ids
+        eval_at_end=True))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))   # -1: all remaining devices
+    # First matching regex wins. 'fsdp' shards the largest dim divisible by the fsdp axis size.
+    c.param_sharding = [(r".*(kernel|embedding|prototypes)", "fsdp"), (r".*", "replicate")]
+    c.method = ml_collections.ConfigDict()
+    return c
+
+
+def steps_per_epoch(config, num_train_examples: int) -> int:
+    return max(1, num_train_examples // config.train.batch_size)
+
+
+def validate(config, *, num_devices: int) -> None:
+    """Checks the fields that would otherwise fail deep inside JAX or tf.data. Raises ConfigError."""
+    from medvlp_jax.methods import OBJECTIVES
+    if config.method.get("name") not in OBJECTIVES:
+        raise ConfigError(f"config.method.name={config.method.get('name')!r} is not a known method; "
+                          f"use one of {OBJECTIVES.names()}")
+    root = config.data.root
+    if not root or not os.path.exists(os.path.join(root, "dataset_info.json")):
+        if not config.data.auto_prepare:
+            raise ConfigError(f"config.data.root={root!r} holds no prepared data set; run: "
+                              f"{PREPARE_COMMANDS.get(config.data.name, 'python launch/prepare_data.py --help')}"
+                              f" (or point --config.data.root at prepared shards)")
+    bs = config.train.batch_size
+    if bs % num_devices:
+        raise ConfigError(f"config.train.batch_size={bs} is not divisible by the {num_devices} devices; "
+                          f"set --config.train.batch_size to a multiple of {num_devices}")
+    accum = config.optim.grad_accum_steps
+    if accum < 1 or bs % accum or (bs // accum) % num_devices:
+        raise ConfigError(f"config.optim.grad_accum_steps={accum} must divide train.batch_size={bs} into "
+                          f"micro-batches divisible by {num_devices} devices")
+    if config.data.crop > config.data.resize:
+        raise ConfigError(f"config.data.crop={config.data.crop} is larger than config.data.resize="
+                          f"{config.data.resize}")
+    if config.model.image.name == "vit" and config.data.crop % config.model.image.patch_size:
+        raise ConfigError(f"config.data.crop={config.data.crop} is not a multiple of "
+                          f"config.model.image.patch_size={config.model.image.patch_size}")
+    if config.train.nonfinite not in ("skip", "stop"):
+        raise ConfigError(f"config.train.nonfinite={config.train.nonfinite!r}; use 'skip' or 'stop'")
+    for field in ("tokenizer_dir",):
+        path = config.data[field]
+        if path and not os.path.isdir(path) and not config.data.auto_prepare:
+            raise ConfigError(f"config.data.{field}={path!r} does not exist; point it at a local Hugging Face "
+                              f"tokenizer directory")
+    ckpt = config.model.text.get("hf_checkpoint", "")
+    if ckpt and not os.path.isdir(ckpt):
+        raise ConfigError(f"config.model.text.hf_checkpoint={ckpt!r} does not exist; download the checkpoint "
+                          f"directory (config.json + weights) there, or set it to '' to train from scratch")

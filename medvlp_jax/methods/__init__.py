@@ -1,0 +1,47 @@
+"""Alignment objectives, selected by ``config.method.name`` through ``OBJECTIVES``.
+
+Every method module registers a factory ``make(method_cfg, *, steps_per_epoch) -> Objective``.
+The train step calls, inside one jit:
+
+    method_params = objective.prepare_params(method_params)          # e.g. MGCA prototype renormalisation
+    loss, metrics = objective.loss(method_params, out, batch, step, rng=rng, teacher_out=teacher_out)
+
+``Objective`` fields:
+  init(rng, out) -> method params pytree ({} when the method has no learnable parts); ``out`` is an
+      EncoderOutputs (shapes only matter).
+  loss(method_params, out, batch, step, *, rng, teacher_out) -> (loss [], {name: []}); pure, jittable;
+      ``step`` is the traced int32 optimizer step (schedules are functions of it).
+  prepare_params(method_params) -> method_params, applied before the forward, outside the gradient.
+  trainable(step) -> pytree of bool scalars matching method params (False: no update, no decay,
+      optimizer moments kept), or None when always trainable.
+  similarity_maps(method_params, out) -> [b, t, p] word-to-patch maps for grounding/pictures, or None.
+  ema_decay: if set, the train state keeps an EMA copy of the encoders and ``teacher_out`` is their
+      (stop-gradient) outputs on the same batch; otherwise ``teacher_out`` is None.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+from medvlp_jax.registry import Registry
+
+
+class Objective(NamedTuple):
+    name: str
+    init: Callable[..., Any]
+    loss: Callable[..., Any]
+    prepare_params: Callable[[Any], Any] = lambda p: p
+    trainable: Optional[Callable[[Any], Any]] = None
+    similarity_maps: Optional[Callable[..., Any]] = None
+    ema_decay: Optional[float] = None
+
+
+OBJECTIVES = Registry("objective")
+
+
+def make_objective(method_cfg, *, steps_per_epoch: int) -> Objective:
+    """Builds the objective named by ``method_cfg.name``."""
+    return OBJECTIVES.get(method_cfg.name)(method_cfg, steps_per_epoch=steps_per_epoch)
+
+
+# Explicit imports: registration never depends on what a config happened to import.
+from medvlp_jax.methods import convirt  # noqa: E402,F401

@@ -1,0 +1,171 @@
+"""run(config, workdir): init or resume -> train loop -> checkpoints -> end-of-run evaluation."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from medvlp_jax import config_lib, logging_lib, sharding as sharding_lib
+from medvlp_jax.data import pipeline, prepare, schema, tokenizer as tokenizer_lib
+from medvlp_jax.logging_lib import log
+from medvlp_jax.methods import make_objective
+from medvlp_jax.models.dual_encoder import build_model
+from medvlp_jax.train import checkpoint as ckpt_lib, optim, state as state_lib, step as step_lib
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint was written."""
+
+
+def total_steps_of(config, num_train: int) -> int:
+    if config.train.total_steps and config.train.total_steps > 0:
+        return int(config.train.total_steps)
+    return int(config.train.epochs) * config_lib.steps_per_epoch(config, num_train)
+
+
+def setup(config, workdir: str, *, devices=None) -> dict[str, Any]:
+    """Everything a run needs before the loop: data info, mesh, model, objective, optimiser, state."""
+    prepare.ensure_demo_data(config)
+    devices = list(devices if devices is not None else jax.devices())
+    config_lib.validate(config, num_devices=len(devices))
+    info = schema.read_info(config.data.root)
+    num_train = info["splits"][config.data.train_split]["num_examples"]
+    spe = config_lib.steps_per_epoch(config, num_train)
+    total = total_steps_of(config, num_train)
+    mesh = sharding_lib.make_mesh(config.mesh, devices)
+    model = build_model(config.model)
+    objective = make_objective(config.method, steps_per_epoch=spe)
+    tx, schedule = optim.make_optimizer(config.optim, total)
+    rng = jax.random.PRNGKey(config.seed)
+    init = state_lib.make_init_fn(config, model, objective, tx, init_batch_size=mesh.size)
+    abstract = jax.eval_shape(init, rng)
+    shardings = state_lib.state_shardings(config, abstract, mesh)
+    return dict(info=info, num_train=num_train, steps_per_epoch=spe, total_steps=total, mesh=mesh, model=model,
+                objective=objective, tx=tx, schedule=schedule, rng=rng, init=init, abstract=abstract,
+                shardings=shardings)
+
+
+def _count_params(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def run(config, workdir: str, *, stop_after_steps: int | None = None) -> dict[str, Any]:
+    """Trains (resuming from ``workdir`` if it holds checkpoints); returns the final metrics.
+
+    stop_after_steps: stop early (as if killed) after this many steps of this invocation (tests).
+    """
+    logging_lib.setup_logging()
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    s = setup(config, workdir)
+    mesh, total = s["mesh"], s["total_steps"]
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=1))
+    ckpt = ckpt_lib.Checkpointer(workdir, every_steps=config.train.ckpt_every_steps, keep=config.train.keep_ckpts)
+    start = ckpt.latest_step()
+    if start is not None:
+        state, position = ckpt.restore(start, s["abstract"], s["shardings"])
+        log.info("resumed from %s at step %d (examples seen %s)", ckpt.directory, start,
+                 position.get("examples_seen"))
+        if position.get("seed") != config.seed:
+            raise ValueError(f"checkpoint in {workdir} was written with seed {position.get('seed')} but "
+                             f"config.seed={config.seed}; use a fresh --workdir or the same seed")
+    else:
+        state = jax.jit(s["init"], out_shardings=s["shardings"])(s["rng"])
+        start = 0
+    log.info("method=%s  params: encoders %.2fM, method %d  mesh %s  steps %d (%d/epoch)  global batch %d",
+             config.method.name, _count_params(state.params["encoders"]) / 1e6, _count_params(state.params["method"]),
+             dict(mesh.shape), total, s["steps_per_epoch"], config.train.batch_size)
+
+    tokenizer = tokenizer_lib.load_tokenizer(config.data.tokenizer_dir)
+    host_iter = pipeline.make_train_iter(config, tokenizer, start_step=start, process_index=jax.process_index(),
+                                         process_count=jax.process_count())
+    batches = pipeline.Prefetcher(host_iter, lambda b: sharding_lib.to_global(b, mesh),
+                                  depth=config.data.get("prefetch", 2))
+    train_step = step_lib.jit_train_step(
+        step_lib.make_train_step(s["model"], s["objective"], s["tx"], s["schedule"],
+                                 grad_accum_steps=config.optim.grad_accum_steps),
+        s["shardings"], sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh))
+
+    writer = logging_lib.MetricWriter(workdir, enabled=is_main)
+    preempted = {"flag": False}
+    old_handler = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):
+        preempted["flag"] = True
+    try:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:   # not the main thread (e.g. a notebook worker): preemption is not handled there
+        pass
+
+    def position(step):
+        return {"step": int(step), "seed": int(config.seed), "examples_seen": int(step) * config.train.batch_size}
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, initial=start, disable=not is_main, desc=config.method.name, dynamic_ncols=True)
+    last_metrics: dict[str, float] = {}
+    t_log, steps_since_log = time.time(), 0
+    step = start
+    try:
+        for step in range(start + 1, total + 1):
+            batch = next(batches)
+            if step == start + 1:
+                t0 = time.time()
+                compiled = train_step.lower(state, batch).compile()
+                log.info("compiled the train step in %.1fs", time.time() - t0)
+                train_step = compiled
+            state, metrics = train_step(state, batch)
+            bar.update(1)
+            steps_since_log += 1
+            if step % config.train.log_every_steps == 0 or step == total:
+                m = jax.device_get(metrics)
+                if config.train.nonfinite == "stop" and float(m["train/finite"]) < 1:
+                    raise FloatingPointError(
+                        f"non-finite loss or gradient at step {step}; batch record indices "
+                        f"{np.asarray(jax.device_get(batch['index'])).tolist()} of split "
+                        f"{config.data.train_split!r} (config.train.nonfinite='stop')")
+                dt = time.time() - t_log
+                rates = {"perf/steps_per_s": steps_since_log / dt,
+                         "perf/images_per_s": steps_since_log * config.train.batch_size / dt,
+                         "train/nonfinite_steps": int(jax.device_get(state.nonfinite_steps))}
+                last_metrics = {k: float(v) for k, v in m.items()} | rates
+                writer.write_scalars(step, last_metrics)
+                bar.set_postfix(loss=f"{last_metrics['train/loss']:.3f}")
+                t_log, steps_since_log = time.time(), 0
+            ckpt.save(step, state, position(step))
+            if preempted["flag"]:
+                ckpt.save(step, state, position(step), force=True)
+                ckpt.wait()
+                log.info("SIGTERM: saved a checkpoint at step %d; exiting", step)
+                raise Preempted(step)
+            if stop_after_steps is not None and step - start >= stop_after_steps:
+                ckpt.wait()
+                return {"stopped_at": step}
+        ckpt.save(step, state, position(step), force=True)
+        ckpt.wait()
+    finally:
+        bar.close()
+        batches.close()
+        writer.close()
+        ckpt.close()
+        try:
+            signal.signal(signal.SIGTERM, old_handler)
+        except ValueError:
+            pass
+
+    results: dict[str, Any] = {"train": last_metrics, "steps": step}
+    if config.train.get("eval_at_end", True):
+        from medvlp_jax.evaluators import quick
+        results["eval"] = quick.evaluate_state(config, s, state, tokenizer)
+        if is_main:
+            with open(os.path.join(workdir, "eval_results.json"), "w") as f:
+                json.dump(results["eval"], f, indent=1)
+            log.info("end-of-run evaluation on split %r: %s", config.data.eval_split,
+                     "  ".join(f"{k}={v:.4g}" for k, v in results["eval"].items() if isinstance(v, float)))
+    return results

@@ -1,0 +1,74 @@
+"""TrainState and its creation directly on the mesh (eval_shape -> shardings -> jit(init, out_shardings))."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from medvlp_jax import sharding as sharding_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; saved whole in checkpoints.
+
+    params: {"encoders": DualEncoder params, "method": objective-owned params}.
+    model_state: non-trainable collections (BatchNorm "batch_stats"), {} when none.
+    ema_params: EMA copy of params["encoders"] when the objective uses a teacher, else None.
+    nonfinite_steps: how many updates were skipped because the loss or a gradient was not finite.
+    """
+    step: jax.Array
+    params: Any
+    model_state: Any
+    opt_state: Any
+    rng: jax.Array
+    ema_params: Optional[Any]
+    nonfinite_steps: jax.Array
+
+
+def dummy_batch(config, batch_size: int) -> dict[str, jax.Array]:
+    """Shapes of one batch (for initialisation and tracing)."""
+    c, t = config.data.crop, config.data.max_text_len
+    ids = jnp.zeros((batch_size, t), jnp.int32).at[:, 0].set(2).at[:, 1].set(5).at[:, 2].set(3)
+    mask = jnp.zeros((batch_size, t), jnp.int32).at[:, :3].set(1)
+    word_ids = jnp.full((batch_size, t), -1, jnp.int32).at[:, :3].set(jnp.arange(3))
+    return {"image": jnp.zeros((batch_size, c, c, config.data.channels), jnp.float32), "input_ids": ids,
+            "attention_mask": mask, "word_ids": word_ids,
+            "labels": jnp.zeros((batch_size, 1), jnp.float32), "index": jnp.zeros((batch_size,), jnp.int32),
+            "valid": jnp.ones((batch_size,), bool)}
+
+
+def make_init_fn(config, model, objective, tx: optax.GradientTransformation, init_batch_size: int):
+    """init(rng) -> TrainState (pure; jit it with out_shardings)."""
+
+    def init(rng):
+        model_rng, method_rng, state_rng = jax.random.split(rng, 3)
+        batch = dummy_batch(config, init_batch_size)
+        variables = model.init({"params": model_rng, "dropout": model_rng}, batch, train=False)
+        variables = dict(variables)
+        enc_params = variables.pop("params")
+        out = model.apply({"params": enc_params, **variables}, batch, train=False)
+        params = {"encoders": enc_params, "method": objective.init(method_rng, out)}
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, model_state=variables, opt_state=tx.init(params),
+            rng=state_rng, ema_params=enc_params if objective.ema_decay else None,
+            nonfinite_steps=jnp.zeros((), jnp.int32))
+
+    return init
+
+
+def state_shardings(config, abstract_state: TrainState, mesh) -> TrainState:
+    """Shardings for every leaf: parameter-shaped leaves by the config's regex rules, the rest replicated."""
+    return sharding_lib.tree_shardings(abstract_state, config.param_sharding, mesh)
+
+
+def create_train_state(config, model, objective, tx, mesh, rng) -> tuple[TrainState, TrainState]:
+    """Initialises the state directly sharded. Returns (state, its shardings)."""
+    init = make_init_fn(config, model, objective, tx, init_batch_size=mesh.size)
+    abstract = jax.eval_shape(init, rng)
+    shardings = state_shardings(config, abstract, mesh)
+    state = jax.jit(init, out_shardings=shardings)(rng)
+    return state, shardings

@@ -1,0 +1,144 @@
+"""The train step: one jitted function with explicit shardings and a donated state.
+
+    state, metrics = train_step(state, batch)
+
+Inside: objective-owned parameter preparation (outside the gradient), optional EMA-teacher forward,
+forward + objective + gradient (optionally accumulated over micro-batches with lax.scan), AdamW update,
+per-leaf freezing from ``objective.trainable(step)``, a finiteness guard (a non-finite loss or gradient
+leaves params, optimiser and BatchNorm state untouched and is counted), and the EMA update.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from medvlp_jax.train.state import TrainState
+
+
+def _select_tree(pred_tree, new, old):
+    """Per-leaf jnp.where(pred, new, old) where pred_tree is a prefix of params-shaped trees."""
+    return jax.tree.map(lambda p, n, o: jax.tree.map(lambda a, b: jnp.where(p, a, b), n, o), pred_tree, new, old)
+
+
+def _freeze(trainable, params, new_params, opt_state, new_opt_state):
+    """Keeps frozen leaves (params and their optimiser moments) as they were.
+
+    ``trainable`` is a tree of bool scalars shaped like params["method"]. Optimiser state subtrees with the
+    structure of params are found by treedef and filtered the same way.
+    """
+    full_mask = {"encoders": jax.tree.map(lambda _: jnp.asarray(True), params["encoders"]), "method": trainable}
+    mask_leaves = jax.tree.leaves(full_mask)
+    params_def = jax.tree.structure(params)
+
+    def keep(new, old):
+        leaves_new, leaves_old = jax.tree.leaves(new), jax.tree.leaves(old)
+        return jax.tree.unflatten(params_def, [jnp.where(m, a, b) for m, a, b in
+                                               zip(mask_leaves, leaves_new, leaves_old)])
+
+    def walk(new, old):
+        if jax.tree.structure(new) == params_def:
+            return keep(new, old)
+        if isinstance(new, (tuple, list)) and not hasattr(new, "_fields"):
+            return type(new)(walk(a, b) for a, b in zip(new, old))
+        if hasattr(new, "_fields"):   # NamedTuple optimiser states
+            return type(new)(*(walk(a, b) for a, b in zip(new, old)))
+        if isinstance(new, dict):
+            return {k: walk(new[k], old[k]) for k in new}
+        return new
+
+    return keep(new_params, params), walk(new_opt_state, opt_state)
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def make_train_step(model, objective, tx: optax.GradientTransformation, schedule: Callable, *,
+                    grad_accum_steps: int = 1) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Returns the (un-jitted) pure train step; ``jit_train_step`` adds shardings and donation."""
+
+    def forward_loss(params, model_state, batch, step, rng, teacher_out):
+        variables = {"params": params["encoders"], **model_state}
+        mutable = list(model_state.keys())
+        if mutable:
+            out, new_model_state = model.apply(variables, batch, train=True, rngs={"dropout": rng}, mutable=mutable)
+        else:
+            out, new_model_state = model.apply(variables, batch, train=True, rngs={"dropout": rng}), {}
+        loss, metrics = objective.loss(params["method"], out, batch, step, rng=rng, teacher_out=teacher_out)
+        return loss, (metrics, dict(new_model_state))
+
+    grad_fn = jax.value_and_grad(forward_loss, has_aux=True)
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict[str, jax.Array]]:
+        step = state.step
+        rng = jax.random.fold_in(state.rng, step)
+        params = dict(state.params, method=objective.prepare_params(state.params["method"]))
+
+        def teacher(b):
+            if state.ema_params is None:
+                return None
+            out = model.apply({"params": state.ema_params, **state.model_state}, b, train=False)
+            return jax.tree.map(jax.lax.stop_gradient, out)
+
+        if grad_accum_steps == 1:
+            (loss, (metrics, new_model_state)), grads = grad_fn(
+                params, state.model_state, batch, step, rng, teacher(batch))
+        else:
+            micro = jax.tree.map(lambda x: x.reshape((grad_accum_steps, -1) + x.shape[1:]), batch)
+
+            def body(carry, xs):
+                grads_acc, loss_acc, metrics_acc, model_state = carry
+                i, mb = xs
+                (l, (m, ms)), g = grad_fn(params, model_state, mb, step, jax.random.fold_in(rng, i), teacher(mb))
+                add = lambda a, b: jax.tree.map(jnp.add, a, b)
+                return (add(grads_acc, g), loss_acc + l, add(metrics_acc, m), ms or model_state), None
+
+            first = jax.tree.map(lambda x: x[0], micro)
+            _, (m_shape, _) = jax.eval_shape(forward_loss, params, state.model_state, first, step, rng, teacher(first))
+            zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)
+            init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), zeros(m_shape),
+                    state.model_state)
+            (grads, loss, metrics, new_model_state), _ = jax.lax.scan(
+                body, init, (jnp.arange(grad_accum_steps), micro))
+            scale = 1.0 / grad_accum_steps
+            grads = jax.tree.map(lambda g: g * scale, grads)
+            loss = loss * scale
+            metrics = jax.tree.map(lambda m: m * scale, metrics)
+
+        finite = jnp.isfinite(loss) & _all_finite(grads)
+        updates, new_opt_state = tx.update(grads, state.opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        if objective.trainable is not None:
+            new_params, new_opt_state = _freeze(objective.trainable(step), params, new_params,
+                                                state.opt_state, new_opt_state)
+        new_params = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_params, params)
+        new_opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_opt_state, state.opt_state)
+        new_model_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_model_state, state.model_state)
+        ema = state.ema_params
+        if ema is not None:
+            d = objective.ema_decay
+            ema = jax.tree.map(lambda e, p: jnp.where(finite, d * e + (1 - d) * p, e), ema, new_params["encoders"])
+        metrics = dict(metrics)
+        metrics.update({
+            "train/loss": loss,
+            "train/grad_norm": optax.global_norm(grads),
+            "train/param_norm": optax.global_norm(new_params["encoders"]),
+            "train/lr": schedule(step),
+            "train/finite": finite.astype(jnp.float32),
+        })
+        new_state = state.replace(step=step + 1, params=new_params, opt_state=new_opt_state,
+                                  model_state=new_model_state, ema_params=ema,
+                                  nonfinite_steps=state.nonfinite_steps + (1 - finite.astype(jnp.int32)))
+        return new_state, metrics
+
+    return train_step
+
+
+def jit_train_step(train_step, state_shardings, batch_sharding, replicated):
+    """jit with explicit in/out shardings; the state is donated (updated in place)."""
+    return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
