@@ -1,0 +1,70 @@
+"""Configs: every method config loads in each variant; bad fields give one clear error naming the field."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from medvlp_jax import config_lib
+from tests import helpers
+
+
+def _valid_demo(tmp_path):
+    from medvlp_jax.data.sources import synthetic
+    root = str(tmp_path / "syn")
+    synthetic.prepare_synthetic(root, num_train=16, num_test=8, num_shards=2)
+    c = helpers.load_config("convirt", "test")
+    c.data.root, c.data.tokenizer_dir = root, f"{root}/tokenizer"
+    return c
+
+
+def test_parse_arg_variants_and_overrides():
+    a = config_lib.parse_arg("demo,image=resnet", image="vit")
+    assert a.variant == "demo" and a.image == "resnet"
+    with pytest.raises(config_lib.ConfigError, match="unknown config variant 'dmo'"):
+        config_lib.parse_arg("dmo", image="vit")
+    with pytest.raises(config_lib.ConfigError, match="unknown config argument 'imag'"):
+        config_lib.parse_arg("imag=vit", image="vit")
+
+
+def test_unknown_method(tmp_path):
+    c = _valid_demo(tmp_path)
+    c.method.name = "clipp"
+    with pytest.raises(config_lib.ConfigError, match=r"config.method.name='clipp' is not a known method.*convirt"):
+        config_lib.validate(c, num_devices=1)
+
+
+def test_missing_data_names_the_prepare_command(tmp_path):
+    c = helpers.load_config("convirt", "")
+    c.data.root = str(tmp_path / "nothing")
+    with pytest.raises(config_lib.ConfigError, match="launch/prepare_data.py mimic_cxr"):
+        config_lib.validate(c, num_devices=1)
+
+
+def test_batch_not_divisible_by_devices(tmp_path):
+    c = _valid_demo(tmp_path)
+    c.train.batch_size = 10
+    with pytest.raises(config_lib.ConfigError, match="batch_size=10 is not divisible by the 8 devices"):
+        config_lib.validate(c, num_devices=8)
+
+
+def test_missing_tokenizer_and_checkpoint_dirs(tmp_path):
+    c = _valid_demo(tmp_path)
+    c.data.tokenizer_dir = str(tmp_path / "no_tok")
+    with pytest.raises(config_lib.ConfigError, match="config.data.tokenizer_dir="):
+        config_lib.validate(c, num_devices=1)
+    c = _valid_demo(tmp_path)
+    c.model.text.hf_checkpoint = str(tmp_path / "no_bert")
+    with pytest.raises(config_lib.ConfigError, match="config.model.text.hf_checkpoint="):
+        config_lib.validate(c, num_devices=1)
+
+
+def test_launcher_prints_one_error_line_for_paper_config_without_data(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(helpers.ROOT, "launch", "pretrain.py"),
+         f"--config={os.path.join(helpers.ROOT, 'configs', 'convirt.py')}", f"--workdir={tmp_path}",
+         f"--config.data.root={tmp_path / 'missing'}"],
+        capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 2
+    err = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and "prepare_data.py mimic_cxr" in err[0]
