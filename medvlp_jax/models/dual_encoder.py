@@ -1,0 +1,342 @@
+"""The dual encoder: image tower + text tower + four projection heads -> ``EncoderOutputs``.
+
+This is the single ``apply`` the train step calls::
+
+    model = build_model(config.model)
+    variables = model.init({"params": rng}, example_batch(config.model), train=False)
+    out, updates = model.apply(variables, batch, train=True, rngs={"dropout": rng},
+                               mutable=["batch_stats"])         # only when "batch_stats" in variables
+    img = model.apply(variables, batch, method=DualEncoder.encode_image)   # ImageOutputs, eval mode
+    txt = model.apply(variables, batch, method=DualEncoder.encode_text)    # TextOutputs, eval mode
+
+``batch_stats`` exists when a tower or head has BatchNorm (ResNet, ``mlp_bn`` heads); ViT + linear heads
+have none. The text tower needs the ``dropout`` rng when ``train=True`` and ``text.dropout > 0``.
+
+Text slots (methods.md 1.4). ``batch["word_ids"]`` [b, l] gives the slot of each token after word-piece
+merging: [CLS] -> 0, pieces of the k-th word -> k, [SEP] -> n_words + 1, padding -> -1. With
+``text.merge_word_pieces`` a slot's feature is the SUM of its pieces' features (every layer that is summed
+by ``sum_last_layers`` included) and its attention the SUM of its pieces' [CLS]-row attentions; slots are
+padded with zero vectors up to l. Otherwise every token is its own slot (``word_ids`` may then be absent:
+it is derived from ``attention_mask``). Slot 0 is always [CLS]; ``word_mask`` marks the real words (not
+[CLS], [SEP] or padding), ``slot_mask`` every occupied slot. Unoccupied slots have zero features before the
+word head (as in MGCA, whose local head then makes them non-zero).
+
+Submodule / parameter names: ``image``, ``text``, ``img_head``, ``txt_head``, ``patch_head``,
+``word_head``. ``hf_import.load_text_tower`` replaces ``params["text"]``.
+
+``config.model`` fields (``.get`` with defaults; ml_collections ConfigDict or plain dict):
+  image.name: "vit" / "vit_b16" (ViT-B/16 @ 224 defaults), "vit_demo" / "vit_tiny" (192/4/3/768, patch 16,
+      image 128), "resnet50" (defaults: stage sizes (3,4,6,3), width 64), "resnet" (defaults (1,1,1,1), 8).
+      The names only pick defaults: every size field set in the config overrides them.
+  image.patch_size/width/depth/num_heads/mlp_dim/image_size/layer_norm_eps: ViT sizes.
+  image.width/stage_sizes/resize_to: ResNet base width, blocks per stage, bilinear upsampling side (299;
+      0 or None: none).
+  image.image_size/channels: input size for ``example_batch`` (ResNet default 224; channels 3).
+  text.vocab_size/width/depth/num_heads/mlp_dim/max_position/type_vocab_size/layer_norm_eps: BERT sizes
+      (defaults: BERT-base, vocab 28,996). ``hf_import.bert_config_from_hf(dir)`` gives them for a checkpoint.
+  text.dropout (0.1), text.attention_dropout (= dropout): BERT dropouts.
+  text.use_position_ids (True; False = MGCA quirk, all positions 0).
+  text.merge_word_pieces (False), text.sum_last_layers (1; GLoRIA 4).
+  text.word_attn_shift (0): 1 reproduces MGCA's off-by-one word weights (each token gets the attention
+      paid to the next token, methods.md 1.4); 0 uses each token's own attention.
+  text.hf_checkpoint: read by ``hf_import.load_text_tower``, not here.
+  proj.kind ("linear" | "mlp_bn" | "identity"), proj.dim (128), proj.hidden (2048), proj.normalize (True:
+      *_emb are L2-normalised; False leaves them raw, e.g. for GLoRIA's dot-product attention).
+  proj.{image,text,patch,word}_kind / _bias: per-head overrides of kind and of the Dense bias (True),
+      e.g. GLoRIA: patch_kind="linear", patch_bias=False, text_kind=word_kind="identity".
+  dtype: "float32" | "bfloat16" compute dtype (params float32; embeddings and features returned float32).
+  remat: recompute every ViT/BERT block / ResNet bottleneck in the backward pass.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medvlp_jax.models.bert import Bert
+from medvlp_jax.models.heads import HEAD_KINDS, ProjectionHead
+from medvlp_jax.models.resnet import ResNet
+from medvlp_jax.models.vit import ViT
+from medvlp_jax.types import EncoderOutputs
+
+Array = jax.Array
+
+VIT_B16 = dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072, image_size=224)
+VIT_DEMO = dict(patch_size=16, width=192, depth=4, num_heads=3, mlp_dim=768, image_size=128)
+VIT_PRESETS = {"vit": VIT_B16, "vit_b16": VIT_B16, "vit_demo": VIT_DEMO, "vit_tiny": VIT_DEMO}
+# Defaults; image.stage_sizes / image.width in the config override them (as image.* overrides VIT_PRESETS).
+RESNET_PRESETS = {"resnet50": dict(stage_sizes=(3, 4, 6, 3), width=64),
+                  "resnet": dict(stage_sizes=(1, 1, 1, 1), width=8)}
+HEAD_ROLES = ("image", "text", "patch", "word")
+
+
+@flax.struct.dataclass
+class ImageOutputs:
+    """``encode_image`` result; fields as in ``EncoderOutputs``.
+
+    Attributes:
+      img_emb: [b, d]; patch_emb: [b, p, d]; patch_attn: [b, p] or None (CNN);
+      img_feat: [b, w_img]; patch_feat: [b, p, w_loc] (w_loc = w_img for ViT, layer3 width for ResNet);
+      grid: (gh, gw) static.
+    """
+    img_emb: Array
+    patch_emb: Array
+    patch_attn: Optional[Array]
+    img_feat: Array
+    patch_feat: Array
+    grid: tuple[int, int] = flax.struct.field(pytree_node=False, default=(1, 1))
+
+
+@flax.struct.dataclass
+class TextOutputs:
+    """``encode_text`` result; fields as in ``EncoderOutputs``.
+
+    Attributes:
+      txt_emb: [b, d]; word_emb: [b, t, d]; word_mask, slot_mask: [b, t] bool; word_attn: [b, t];
+      txt_feat: [b, w_txt]; word_feat: [b, t, w_txt]. t == l (slots padded to the token length).
+    """
+    txt_emb: Array
+    word_emb: Array
+    word_mask: Array
+    slot_mask: Array
+    word_attn: Array
+    txt_feat: Array
+    word_feat: Array
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    """cfg.get(key) for ConfigDict/dict/None; a None value counts as absent."""
+    if cfg is None:
+        return default
+    value = cfg.get(key, default)
+    return default if value is None else value
+
+
+def compute_dtype(model_cfg: Any) -> Any:
+    """The compute dtype named by ``config.model.dtype``."""
+    name = _get(model_cfg, "dtype", "float32")
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"config.model.dtype must be 'float32' or 'bfloat16', got {name!r}")
+    return jnp.dtype(name)
+
+
+def build_image_tower(model_cfg: Any) -> nn.Module:
+    """ViT or ResNet from ``config.model.image`` (see module docstring for the names)."""
+    icfg = _get(model_cfg, "image", {})
+    name = _get(icfg, "name", "vit")
+    dtype, remat = compute_dtype(model_cfg), bool(_get(model_cfg, "remat", False))
+    if name in VIT_PRESETS:
+        sizes = {k: _get(icfg, k, v) for k, v in VIT_PRESETS[name].items()}
+        return ViT(**sizes, layer_norm_eps=_get(icfg, "layer_norm_eps", 1e-6), dtype=dtype, remat=remat)
+    if name in RESNET_PRESETS:
+        preset = RESNET_PRESETS[name]
+        stage_sizes = tuple(_get(icfg, "stage_sizes", preset["stage_sizes"]))
+        # resize_to 0 or None: no upsampling.
+        return ResNet(stage_sizes=stage_sizes, base_width=_get(icfg, "width", preset["width"]),
+                      resize_to=_get(icfg, "resize_to") or None, dtype=dtype, remat=remat)
+    raise ValueError(f"unknown config.model.image.name {name!r}; known: {sorted(VIT_PRESETS) + sorted(RESNET_PRESETS)}")
+
+
+def build_text_tower(model_cfg: Any) -> Bert:
+    """BERT from ``config.model.text``; unset fields take ``Bert``'s defaults (BERT-base)."""
+    tcfg = _get(model_cfg, "text", {})
+    fields = ("vocab_size", "width", "depth", "num_heads", "mlp_dim", "max_position", "type_vocab_size",
+              "layer_norm_eps", "dropout", "use_position_ids", "sum_last_layers")
+    kwargs = {f: _get(tcfg, f) for f in fields if _get(tcfg, f) is not None}
+    kwargs["attention_dropout"] = _get(tcfg, "attention_dropout", _get(tcfg, "dropout", 0.1))
+    return Bert(**kwargs, dtype=compute_dtype(model_cfg), remat=bool(_get(model_cfg, "remat", False)))
+
+
+def build_head(model_cfg: Any, role: str) -> ProjectionHead:
+    """Projection head for ``role`` in HEAD_ROLES from ``config.model.proj``."""
+    pcfg = _get(model_cfg, "proj", {})
+    return ProjectionHead(kind=_get(pcfg, f"{role}_kind", _get(pcfg, "kind", "linear")),
+                          dim=_get(pcfg, "dim", 128), hidden=_get(pcfg, "hidden", 2048),
+                          use_bias=bool(_get(pcfg, f"{role}_bias", True)), dtype=compute_dtype(model_cfg))
+
+
+def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
+    """x / max(||x||_2, eps) on the last axis, in float32 (torch F.normalize)."""
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def token_word_ids(attention_mask: Array) -> Array:
+    """``word_ids`` for 'every token is its own slot': [CLS] 0, tokens 1.., last real token ([SEP]) n+1, pad -1.
+
+    Args:
+      attention_mask: [b, l] with contiguous ones from position 0.
+
+    Returns:
+      [b, l] int32.
+    """
+    mask = attention_mask > 0
+    return jnp.where(mask, jnp.arange(mask.shape[1], dtype=jnp.int32), -1)
+
+
+def merge_slots(values: Array, word_ids: Array, num_slots: int) -> Array:
+    """Sums token values into their slots: out[b, s] = sum_{t: word_ids[b, t] == s} values[b, t].
+
+    A one-hot matmul instead of a scatter: [b, l, l] is small (l <= 112) and shards over the batch.
+
+    Args:
+      values: [b, l] or [b, l, w].
+      word_ids: [b, l] int, -1 (or any id outside [0, num_slots)) drops the token.
+      num_slots: number of output slots.
+
+    Returns:
+      [b, num_slots] or [b, num_slots, w] float32; slots without tokens are 0.
+    """
+    onehot = (word_ids[:, :, None] == jnp.arange(num_slots)[None, None, :]).astype(jnp.float32)
+    v = values.astype(jnp.float32)
+    if v.ndim == 2:
+        return jnp.einsum("bts,bt->bs", onehot, v, precision="highest")
+    return jnp.einsum("bts,btw->bsw", onehot, v, precision="highest")
+
+
+def slot_masks(word_ids: Array, num_slots: int) -> tuple[Array, Array]:
+    """(slot_mask, word_mask) [b, num_slots] bool from slot ids; the last occupied slot is [SEP]."""
+    slots = jnp.arange(num_slots)[None, :]
+    last = word_ids.max(axis=1, keepdims=True)                         # [SEP]'s slot (-1: empty row)
+    slot_mask = (word_ids[:, :, None] == slots[:, None, :]).any(axis=1)
+    word_mask = slot_mask & (slots >= 1) & (slots < last)
+    return slot_mask, word_mask
+
+
+def token_masks(word_ids: Array) -> tuple[Array, Array]:
+    """(slot_mask, word_mask) [b, l] bool when every token is a slot: real tokens / word pieces only."""
+    last = word_ids.max(axis=1, keepdims=True)
+    return word_ids >= 0, (word_ids >= 1) & (word_ids < last)
+
+
+class DualEncoder(nn.Module):
+    """Image and text towers with global and local projection heads.
+
+    Attributes:
+      config: the ``config.model`` ConfigDict (or dict); see the module docstring.
+    """
+    config: Any
+
+    def setup(self):
+        self.image = build_image_tower(self.config)
+        self.text = build_text_tower(self.config)
+        self.img_head = build_head(self.config, "image")
+        self.txt_head = build_head(self.config, "text")
+        self.patch_head = build_head(self.config, "patch")
+        self.word_head = build_head(self.config, "word")
+
+    def _emb(self, x: Array) -> Array:
+        return l2_normalize(x) if _get(_get(self.config, "proj", {}), "normalize", True) else x.astype(jnp.float32)
+
+    def encode_image(self, batch: dict, train: bool = False) -> ImageOutputs:
+        """Image side only.
+
+        Args:
+          batch: needs ``image`` [b, h, w, c] float32.
+          train: training mode (BatchNorm statistics, dropout).
+
+        Returns:
+          ImageOutputs (float32 arrays).
+        """
+        out = self.image(batch["image"], train)
+        img_feat = out["cls"].astype(jnp.float32)
+        patch_feat = out["patches"].astype(jnp.float32)
+        attn = out["attn"]
+        return ImageOutputs(
+            img_emb=self._emb(self.img_head(out["cls"], train=train)),
+            patch_emb=self._emb(self.patch_head(out["patches"], train=train)),
+            patch_attn=None if attn is None else attn.astype(jnp.float32),
+            img_feat=img_feat, patch_feat=patch_feat, grid=tuple(out["grid"]))
+
+    def encode_text(self, batch: dict, train: bool = False) -> TextOutputs:
+        """Text side only.
+
+        Args:
+          batch: needs ``input_ids`` [b, l] int32, ``attention_mask`` [b, l]; ``word_ids`` [b, l] when
+            ``text.merge_word_pieces`` (optional otherwise); optional ``position_ids``.
+          train: training mode (dropout, BatchNorm statistics).
+
+        Returns:
+          TextOutputs with t == l slots (float32 arrays, bool masks).
+        """
+        tcfg = _get(self.config, "text", {})
+        merge = bool(_get(tcfg, "merge_word_pieces", False))
+        ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        l = ids.shape[1]
+        word_ids = batch.get("word_ids")
+        if word_ids is None:
+            if merge:
+                raise KeyError("config.model.text.merge_word_pieces needs batch['word_ids'] (slot of each token)")
+            word_ids = token_word_ids(attention_mask)
+        out = self.text(ids, attention_mask, train, position_ids=batch.get("position_ids"))
+
+        token_attn = out["attn"].astype(jnp.float32)
+        shift = int(_get(tcfg, "word_attn_shift", 0))
+        if shift:
+            # MGCA zips the attention on keys 1..l-1 with tokens 0..l-1: token i gets the attention on i+shift.
+            token_attn = jnp.pad(token_attn[:, shift:], ((0, 0), (0, shift)))
+        if merge:
+            slot_mask, word_mask = slot_masks(word_ids, l)
+            word_feat = merge_slots(out["tokens"], word_ids, l)
+            word_attn = merge_slots(token_attn, word_ids, l)
+        else:
+            slot_mask, word_mask = token_masks(word_ids)
+            # Tokens are slots; padded ones are zeroed so both modes hand the word head the same padding.
+            word_feat = jnp.where(slot_mask[:, :, None], out["tokens"].astype(jnp.float32), 0.0)
+            word_attn = jnp.where(slot_mask, token_attn, 0.0)
+        txt_feat = out["cls"].astype(jnp.float32)
+        return TextOutputs(
+            txt_emb=self._emb(self.txt_head(out["cls"], train=train)),
+            word_emb=self._emb(self.word_head(word_feat.astype(out["tokens"].dtype), train=train)),
+            word_mask=word_mask, slot_mask=slot_mask, word_attn=word_attn,
+            txt_feat=txt_feat, word_feat=word_feat)
+
+    def __call__(self, batch: dict, *, train: bool) -> EncoderOutputs:
+        """Both towers and all heads.
+
+        Args:
+          batch: ``image`` [b, h, w, c] float32, ``input_ids`` / ``attention_mask`` / ``word_ids`` [b, l] int32.
+          train: training mode.
+
+        Returns:
+          EncoderOutputs (float32 embeddings/features, bool masks, static grid).
+        """
+        img = self.encode_image(batch, train=train)
+        txt = self.encode_text(batch, train=train)
+        return EncoderOutputs(
+            img_emb=img.img_emb, txt_emb=txt.txt_emb, patch_emb=img.patch_emb, word_emb=txt.word_emb,
+            word_mask=txt.word_mask, slot_mask=txt.slot_mask, word_attn=txt.word_attn,
+            patch_attn=img.patch_attn, img_feat=img.img_feat, txt_feat=txt.txt_feat,
+            patch_feat=img.patch_feat, word_feat=txt.word_feat, grid=img.grid)
+
+
+def build_model(model_cfg: Any) -> DualEncoder:
+    """The DualEncoder for ``config.model`` (validates the image name and dtype eagerly)."""
+    build_image_tower(model_cfg)
+    compute_dtype(model_cfg)
+    for role in HEAD_ROLES:
+        kind = build_head(model_cfg, role).kind
+        if kind not in HEAD_KINDS:
+            raise ValueError(f"config.model.proj: unknown kind {kind!r} for the {role} head; known: {HEAD_KINDS}")
+    return DualEncoder(config=model_cfg)
+
+
+def example_batch(model_cfg: Any, batch_size: int = 2, text_len: int = 8) -> dict[str, np.ndarray]:
+    """Zero-filled batch with the shapes ``init`` needs (parameter shapes do not depend on text_len).
+
+    Returns:
+      dict: image [batch_size, s, s, channels] float32, input_ids/attention_mask/word_ids [batch_size, text_len]
+      int32 (one [CLS], words, one [SEP]; no padding).
+    """
+    icfg = _get(model_cfg, "image", {})
+    name = _get(icfg, "name", "vit")
+    size = _get(icfg, "image_size", VIT_PRESETS[name]["image_size"] if name in VIT_PRESETS else 224)
+    ids = np.arange(text_len, dtype=np.int32)
+    return dict(image=np.zeros((batch_size, size, size, _get(icfg, "channels", 3)), np.float32),
+                input_ids=np.zeros((batch_size, text_len), np.int32),
+                attention_mask=np.ones((batch_size, text_len), np.int32),
+                word_ids=np.broadcast_to(ids, (batch_size, text_len)).copy())
