@@ -50,6 +50,36 @@ def setup(config, workdir: str, *, devices=None) -> dict[str, Any]:
                 shardings=shardings)
 
 
+def load_pretrained_towers(config, state, shardings):
+    """Replaces the text/image towers by the Hugging Face / torchvision checkpoints the config names.
+
+    Every process reads the checkpoint and places its shards (works multi-host). Returns the new state.
+    """
+    from jax.experimental import multihost_utils
+    from medvlp_jax.models import hf_import
+    text_ckpt = config.model.text.get("hf_checkpoint", "")
+    image_ckpt = config.model.image.get("hf_checkpoint", "")
+    if not text_ckpt and not image_ckpt:
+        return state
+    host = multihost_utils.process_allgather({"params": state.params["encoders"], **state.model_state}, tiled=True)
+    if text_ckpt:
+        host, report = hf_import.load_text_tower(host, config.model)
+        log.info("text tower from %s: %s", text_ckpt, report.summary())
+    if image_ckpt:
+        host, report = hf_import.load_image_tower(host, config.model)
+        log.info("image tower from %s: %s", image_ckpt, report.summary())
+    enc = host.pop("params")
+    new = state.replace(params=dict(state.params, encoders=enc), model_state=host,
+                        ema_params=enc if state.ema_params is not None else None)
+
+    def place(x, sh):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+    placed = jax.tree.map(place, (new.params, new.model_state, new.ema_params),
+                          (shardings.params, shardings.model_state, shardings.ema_params))
+    return state.replace(params=placed[0], model_state=placed[1], ema_params=placed[2])
+
+
 def _count_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
@@ -78,6 +108,7 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None) -> dict[st
                              f"config.seed={config.seed}; use a fresh --workdir or the same seed")
     else:
         state = jax.jit(s["init"], out_shardings=s["shardings"])(s["rng"])
+        state = load_pretrained_towers(config, state, s["shardings"])
         start = 0
     log.info("method=%s  params: encoders %.2fM, method %d  mesh %s  steps %d (%d/epoch)  global batch %d",
              config.method.name, _count_params(state.params["encoders"]) / 1e6, _count_params(state.params["method"]),

@@ -1,0 +1,35 @@
+"""PLAN (arXiv 2502.18047): progressive local alignment (soft word-to-pixel regions), on MIMIC-CXR.
+
+  python launch/pretrain.py --config=configs/plan.py --workdir=runs/plan            # paper setup (MGCA's)
+  python launch/pretrain.py --config=configs/plan.py:demo --workdir=runs/plan_demo  # demo data, CPU
+
+Reconstructed from the abstract (methods.md section 7.2, [I]): three stages (ITC; + cross-sample local
+contrast with noise suppression; + EMA-teacher prior and consistency), every choice a field of
+config.method (medvlp_jax/methods/plan.py). The demo scales the stage boundaries to its shorter schedule.
+"""
+from medvlp_jax import config_lib
+
+
+def get_config(arg=None):
+    arg = config_lib.parse_arg(arg, image="vit")
+    c = config_lib.base(arg.variant, image=arg.image)
+    m = c.method
+    m.name = "plan"
+    m.itc_temperature = 0.07
+    m.tau_w_stage2 = 0.1            # [I] word->patch softmax temperature in stage 2
+    m.tau_w_stage3 = 0.05           # [I] sharper maps in stage 3
+    m.tau_agg = 5.0                 # [I] word aggregation (GLoRIA-style log-sum-exp)
+    m.tau_r = 0.1                   # [I] local logit temperature
+    m.word_weights = "mgca"         # [I] noise suppression of function words via attention weights
+    # Stage boundaries in epochs: paper schedule 0-9 / 10-29 / 30-49 of 50 epochs.
+    epochs = {"paper": (10.0, 30.0), "demo": (2.0, 6.0), "test": (0.0, 0.0)}[arg.variant]
+    m.stage2_start_epoch, m.stage3_start_epoch = epochs
+    m.loc_ramp_epochs = 2.0 if arg.variant == "paper" else 0.5
+    m.lambda_loc = 1.0
+    m.lambda_cons = 0.1             # [I] KL(teacher maps || student maps) weight in stage 3
+    m.ns_rel_threshold = 0.3        # [I] zero map entries below 0.3 x the word's max
+    m.ns_entropy = 0.9              # [I] drop words whose map entropy exceeds 0.9 log P
+    m.prior_gamma = 0.5             # [I] A <- normalise(A * teacher^gamma)
+    m.ema_decay = 0.999 if arg.variant == "paper" else 0.99
+    m.text_chunk = 8                # reports per chunk of the cross-sample local term (memory)
+    return c
