@@ -130,6 +130,11 @@ def base(variant: str = "paper", image: str = "vit") -> ml_collections.ConfigDic
     # First matching regex wins. 'fsdp' shards the largest dim divisible by the fsdp axis size.
     c.param_sharding = [(r".*(kernel|embedding|prototypes)", "fsdp"), (r".*", "replicate")]
     c.method = ml_collections.ConfigDict()
+    # Zero-shot prompts per class for the end-of-run evaluation (class name itself when absent).
+    c.evals = ml_collections.ConfigDict()
+    if variant == "demo":
+        from medvlp_jax.data.sources.demo_iu import PROMPTS
+        c.evals.prompts = {k: list(v) for k, v in PROMPTS.items()}
     return c
 
 

@@ -372,3 +372,22 @@ def prepare_demo(out_dir: str, *, seed: int = 0, image_size: int = 128, num_shar
             counts[split] = len(idx)
     return {"splits": counts, "dropped": dropped, "total_reports": total, "class_counts": class_counts,
             "out_dir": out_dir}
+
+
+# Zero-shot prompts per demo class, in the reports' own wording (ensembled by the zero-shot evaluators).
+PROMPTS: dict[str, list[str]] = {
+    "normal": ["no acute cardiopulmonary abnormality", "the lungs are clear", "normal chest x-ray"],
+    "cardiomegaly": ["cardiomegaly", "the heart is enlarged", "enlarged cardiac silhouette"],
+    "opacity": ["airspace opacity", "patchy opacity in the lung", "hazy opacity"],
+    "consolidation": ["consolidation", "focal airspace consolidation", "pneumonia"],
+    "pleural effusion": ["pleural effusion", "small pleural effusion", "blunting of the costophrenic angle"],
+    "atelectasis": ["atelectasis", "bibasilar atelectasis", "subsegmental atelectasis"],
+    "nodule": ["pulmonary nodule", "nodular opacity", "lung mass"],
+    "calcified granuloma": ["calcified granuloma", "granulomatous disease", "calcified nodule"],
+    "hyperinflation": ["hyperinflated lungs", "the lungs are hyperexpanded", "emphysema"],
+    "hypoinflation": ["low lung volumes", "hypoinflation", "hypoinflated lungs"],
+    "medical device": ["catheter", "pacemaker leads", "sternotomy wires"],
+    "degenerative spine": ["degenerative changes of the spine", "thoracic spondylosis", "osteophytes"],
+    "tortuous aorta": ["tortuous aorta", "ectatic tortuous aorta", "tortuosity of the thoracic aorta"],
+    "elevated diaphragm": ["elevated hemidiaphragm", "elevated right hemidiaphragm", "elevated diaphragm"],
+}
