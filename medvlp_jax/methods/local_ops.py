@@ -1,0 +1,200 @@
+"""Token-level helpers shared by the reconstructed objectives (SISTA, AGA, PLAN).
+
+Owns: masked min-max normalisation, sparse word->patch grouping, MGCA-style word weights (masked
+quantile clipping), per-pair cross-entropy with masked negatives, bidirectional CE from a logit matrix,
+a config reader with typo detection, and the report-chunk mapper used by cross-sample local terms
+(methods.md section 12.6: never build [b, b, t, p] at full batch).
+
+Shapes: b = batch, t = text slots, p = patches, d = embedding width, c = report chunk.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from medvlp_jax.methods import common
+
+Array = jax.Array
+
+
+def read_config(settings_cls, cfg) -> Any:
+    """Builds the frozen settings dataclass ``settings_cls`` from ``cfg`` (ConfigDict or dict).
+
+    Keys of ``cfg`` that are not fields of ``settings_cls`` raise (a misspelt switch of a reconstructed
+    method would otherwise be ignored silently); ``name`` is always allowed. Missing keys take the
+    dataclass default. Tuples given as lists are converted.
+    """
+    fields = {f.name for f in dataclasses.fields(settings_cls)}
+    items = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
+    unknown = sorted(set(items) - fields - {"name"})
+    if unknown:
+        raise ValueError(f"{settings_cls.__name__}: unknown config keys {unknown}; known: {sorted(fields)}")
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in items.items() if k in fields}
+    return settings_cls(**kwargs)
+
+
+def epochs_to_steps(epochs: float | None, steps_per_epoch: int) -> int | None:
+    """A duration in epochs as a whole number of optimiser steps (None stays None)."""
+    if epochs is None:
+        return None
+    return int(round(float(epochs) * steps_per_epoch))
+
+
+def wide(x: Array) -> Array:
+    """x in at least float32 (bf16/f16 activations are widened for the losses; float64 stays float64)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def masked_minmax(s: Array, mask: Array | None, axis: int = -1, eps: float = 1e-6) -> Array:
+    """(s - min) / (max - min + eps) along ``axis``, min/max over masked-in entries; masked-out -> 0.
+
+    Args:
+      s: [..., n] scores.
+      mask: [..., n] bool (broadcastable) or None (all valid).
+    Returns:
+      [..., n] in [0, 1); rows with no valid entry are all 0.
+    """
+    if mask is None:
+        lo = jnp.min(s, axis=axis, keepdims=True)
+        hi = jnp.max(s, axis=axis, keepdims=True)
+        return (s - lo) / (hi - lo + eps)
+    mask = jnp.broadcast_to(mask, s.shape)
+    any_valid = jnp.any(mask, axis=axis, keepdims=True)
+    lo = jnp.min(jnp.where(mask, s, jnp.inf), axis=axis, keepdims=True)
+    hi = jnp.max(jnp.where(mask, s, -jnp.inf), axis=axis, keepdims=True)
+    # Rows without any valid entry would give inf - inf: give them finite bounds (output is masked anyway).
+    lo = jnp.where(any_valid, lo, 0.0)
+    hi = jnp.where(any_valid, hi, 1.0)
+    return jnp.where(mask, (s - lo) / (hi - lo + eps), 0.0)
+
+
+def topk_mask(s: Array, k: int, mask: Array | None = None) -> Array:
+    """Boolean mask of the k largest entries along the last axis (exactly k, ties broken by index).
+
+    Args:
+      s: [..., n]; mask: [..., n] bool or None (masked-out entries are never picked unless fewer than
+        k entries are valid; the result is and-ed with the mask).
+    Returns:
+      [..., n] bool.
+    """
+    n = s.shape[-1]
+    k = int(min(k, n))
+    if mask is not None:
+        s = jnp.where(mask, s, -jnp.inf)
+    _, idx = jax.lax.top_k(jax.lax.stop_gradient(s), k)                    # [..., k]
+    chosen = jnp.sum(jax.nn.one_hot(idx, n, dtype=jnp.int32), axis=-2) > 0  # [..., n]
+    return chosen if mask is None else chosen & mask
+
+
+def mgca_word_weights(word_attn: Array, mask: Array, quantiles: tuple[float, float] = (0.1, 0.9)) -> Array:
+    """MGCA word weights: attention clipped to its own quantiles over valid words, normalised (stop-grad).
+
+    The quantiles use torch.quantile's linear interpolation at q * (n - 1) over the n valid entries
+    (methods.md sections 4.3 and 12.4).
+
+    Args:
+      word_attn: [b, t] non-negative attention per slot.
+      mask: [b, t] bool, words that carry weight.
+      quantiles: (lo, hi).
+    Returns:
+      [b, t] weights summing to 1 over the valid words of each row (all 0 for a row with none).
+    """
+    a = wide(jax.lax.stop_gradient(word_attn))
+    n = jnp.sum(mask, axis=-1, keepdims=True)                             # [b, 1]
+    srt = jnp.sort(jnp.where(mask, a, jnp.inf), axis=-1)                   # valid entries first
+
+    def quantile(q):
+        pos = q * jnp.maximum(n - 1, 0).astype(a.dtype)                # [b, 1]
+        i0 = jnp.floor(pos).astype(jnp.int32)
+        i1 = jnp.minimum(i0 + 1, jnp.maximum(n - 1, 0))
+        v0 = jnp.take_along_axis(srt, i0, axis=-1)
+        v1 = jnp.take_along_axis(srt, i1, axis=-1)
+        v0 = jnp.where(jnp.isfinite(v0), v0, 0.0)
+        v1 = jnp.where(jnp.isfinite(v1), v1, 0.0)
+        return v0 + (pos - i0) * (v1 - v0)
+
+    lo, hi = quantile(quantiles[0]), quantile(quantiles[1])
+    w = jnp.where(mask, jnp.clip(a, lo, hi), 0.0)
+    return w / jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1e-12)
+
+
+def uniform_word_weights(mask: Array) -> Array:
+    """1/|T_b| on the valid words of each row, 0 elsewhere. mask: [b, t] bool. Returns [b, t]."""
+    m = mask.astype(jnp.float32)
+    return m / jnp.maximum(jnp.sum(m, axis=-1, keepdims=True), 1.0)
+
+
+def diag_ce(logits: Array, col_mask: Array) -> Array:
+    """Per-row CE with the diagonal as target, over a stack of square logit matrices.
+
+    Args:
+      logits: [..., n, n]; row r's target is column r.
+      col_mask: [..., n] bool, the columns that may compete (the diagonal always competes).
+    Returns:
+      [..., n] CE per row (rows whose own column is masked out are meaningless; mask them downstream).
+    """
+    n = logits.shape[-1]
+    keep = col_mask[..., None, :] | jnp.eye(n, dtype=bool)
+    logp = jax.nn.log_softmax(jnp.where(keep, logits, common.NEG_INF), axis=-1)
+    return -jnp.diagonal(logp, axis1=-2, axis2=-1)
+
+
+def bidirectional_ce(logits: Array, valid: Array, reduce_directions: str = "mean",
+                     i2t_weight: float = 0.5) -> tuple[Array, Array, Array]:
+    """Bidirectional CE over a batch logit matrix with matching pairs on the diagonal.
+
+    Args:
+      logits: [b, b], rows = images, columns = reports.
+      valid: [b] bool; invalid rows neither count nor act as negatives.
+      reduce_directions: "mean" (w * i2t + (1 - w) * t2i) or "sum" (i2t + t2i).
+    Returns:
+      (loss [], i2t [], t2i []).
+    """
+    i2t = common.masked_mean(diag_ce(logits, valid), valid)
+    t2i = common.masked_mean(diag_ce(logits.T, valid), valid)
+    if reduce_directions == "sum":
+        return i2t + t2i, i2t, t2i
+    if reduce_directions == "mean":
+        return i2t_weight * i2t + (1.0 - i2t_weight) * t2i, i2t, t2i
+    raise ValueError(f"reduce_directions must be 'mean' or 'sum', got {reduce_directions!r}")
+
+
+def group_vectors(weights: Array, keys: Array) -> Array:
+    """L2-normalised weighted sums: weights [..., n, m], keys [..., m, d] -> [..., n, d]."""
+    return common.l2_normalize(jnp.einsum("...nm,...md->...nd", weights, keys))
+
+
+def map_report_chunks(body: Callable[[Any], Any], reports: Any, chunk: int | None) -> Any:
+    """Applies ``body`` to chunks of the report axis and concatenates the results.
+
+    ``body`` takes a pytree whose leaves have a leading chunk axis c and returns a pytree with leading
+    axis c. With ``chunk`` None or >= b the body runs once on everything (materialising whatever it
+    builds at full batch). Otherwise the batch is padded to a multiple of ``chunk`` by repeating the
+    last report (real data, so no NaNs appear in padded rows' forward or backward), mapped with
+    ``lax.map`` and ``jax.checkpoint`` on the body, so peak memory is that of one chunk's body and the
+    backward recomputes each chunk.
+
+    Args:
+      body: chunk pytree -> output pytree, leading axis c everywhere.
+      reports: pytree of arrays with leading axis b.
+      chunk: reports per chunk, or None.
+    Returns:
+      pytree of outputs with leading axis b.
+    """
+    b = jax.tree_util.tree_leaves(reports)[0].shape[0]
+    if chunk is None or chunk >= b:
+        return body(reports)
+    n_chunks = -(-b // chunk)
+    pad = n_chunks * chunk - b
+
+    def split(x):
+        if pad:
+            x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)], axis=0)
+        return x.reshape((n_chunks, chunk) + x.shape[1:])
+
+    out = jax.lax.map(jax.checkpoint(body), jax.tree_util.tree_map(split, reports))
+    return jax.tree_util.tree_map(lambda y: y.reshape((n_chunks * chunk,) + y.shape[2:])[:b], out)
