@@ -92,6 +92,8 @@ def base(variant: str = "paper", image: str = "vit") -> ml_collections.ConfigDic
     img.image_size = c.data.crop
     img.channels = c.data.channels
     img.hf_checkpoint = ""
+    # Global image feature: [CLS] as the papers; the small demo models learn much faster from mean-pooled patches.
+    img.pool = "cls" if variant == "paper" else "gap"
     c.model.image = img
     c.model.text = ml_collections.ConfigDict(dict(
         vocab_size={"paper": 28996, "demo": 3000, "test": 500}[variant],
@@ -102,6 +104,7 @@ def base(variant: str = "paper", image: str = "vit") -> ml_collections.ConfigDic
         max_position=512 if variant == "paper" else 128,
         type_vocab_size=2, layer_norm_eps=1e-12, dropout=0.1 if variant == "paper" else 0.0,
         use_position_ids=True, merge_word_pieces=True, sum_last_layers=1,
+        pool="cls" if variant == "paper" else "mean",
         hf_checkpoint="checkpoints/Bio_ClinicalBERT" if variant == "paper" else ""))
     c.model.proj = ml_collections.ConfigDict(dict(
         kind="mlp_bn" if variant == "paper" else "linear", dim={"paper": 128, "demo": 128, "test": 16}[variant],

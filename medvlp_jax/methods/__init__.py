@@ -44,4 +44,4 @@ def make_objective(method_cfg, *, steps_per_epoch: int) -> Objective:
 
 
 # Explicit imports: registration never depends on what a config happened to import.
-from medvlp_jax.methods import convirt  # noqa: E402,F401
+from medvlp_jax.methods import aga, convirt, gloria, mgca, plan, sista  # noqa: E402,F401

@@ -1,0 +1,42 @@
+"""GLoRIA (Huang et al., ICCV 2021): global + attention-weighted local contrastive alignment.
+
+  python launch/pretrain.py --config=configs/gloria.py --workdir=runs/gloria            # paper setup
+  python launch/pretrain.py --config=configs/gloria.py:demo --workdir=runs/gloria_demo  # demo data, CPU
+
+Paper setup (methods.md section 3, read from the authors' code): ResNet-50 at 299 (224 crop upsampled),
+local = layer3 19x19 regions through a 1x1 conv (no bias) to 768, global = pooled layer4 -> Linear 768;
+Bio_ClinicalBERT with 12 layers, hidden states of the last 4 layers summed, word pieces merged, 97 tokens;
+no text projection and no normalisation before the losses (cosines are taken inside); temperatures 4/5/10;
+Adam lr 5e-5, L2 1e-6, clip 0.25, batch 48. The paper trained on CheXpert's private reports; "GLoRIA-MIMIC"
+(this default) is MGCA's retraining on MIMIC-CXR. The demo keeps GLoRIA's heads on the demo ViT/BERT.
+"""
+from medvlp_jax import config_lib
+
+
+def get_config(arg=None):
+    arg = config_lib.parse_arg(arg, image="")
+    # The paper's ResNet-50; the demo/test default to the small ViT (faster on a CPU): `:demo,image=resnet`.
+    image = arg.image or ("resnet" if arg.variant == "paper" else "vit")
+    c = config_lib.base(arg.variant, image=image)
+    if arg.variant == "paper":
+        c.model.text.depth = 12
+        c.data.max_text_len = 97
+        c.train.batch_size = 48
+        c.optim.update(lr=5e-5, weight_decay=1e-6, clip_norm=0.25, warmup_fraction=0.0)
+    c.model.text.sum_last_layers = 4 if c.model.text.depth >= 4 else 1
+    c.model.text.merge_word_pieces = True
+    # GLoRIA's projections: image global Linear, patch 1x1 conv without bias, text/word identity, no L2 norm.
+    c.model.proj.update(kind="linear", dim=c.model.text.width, normalize=False, patch_bias=False,
+                        text_kind="identity", word_kind="identity")
+    m = c.method
+    m.name = "gloria"
+    m.temp1, m.temp2, m.temp3 = 4.0, 5.0, 10.0   # attention sharpening, word aggregation, logit scale
+    m.local_weight = 1.0
+    m.global_weight = 1.0
+    m.local_agg = "sum"                 # log-sum-exp over words (authors' code; no 1/temp2 as in the paper)
+    m.include_cls_word = True           # authors' quirk: [CLS] counted as a word, [SEP] dropped
+    m.include_sep_word = False
+    m.report_vector = "mean_all_slots"  # authors' quirk: report vector = mean over all slots incl. padding
+    m.paper_local_scale = False
+    m.text_chunk = 8                    # texts per chunk of the b x b local term (memory O(chunk*b*t*p))
+    return c

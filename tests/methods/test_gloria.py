@@ -1,0 +1,275 @@
+"""GLoRIA objective vs a loop-by-loop NumPy transcription of the authors' loss (methods.md section 3)."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from medvlp_jax.methods import OBJECTIVES, gloria, make_objective
+from medvlp_jax.types import EncoderOutputs
+
+B, T, P, D = 4, 7, 6, 5
+N_WORDS = (2, 5, 1, 3)       # slot 0 = [CLS], 1..n = words, n + 1 = [SEP] (text 1 fills all 7 slots), rest padding
+
+
+def random_outputs(seed, b=B, t=T, p=P, d=D, n_words=N_WORDS, normalize=False, pad="zero", dtype=np.float32):
+    """EncoderOutputs from random arrays. GLoRIA's embeddings are raw (varied norms) unless ``normalize``.
+
+    pad: "zero" (padding slots are zero vectors, as after GLoRIA's identity word head) or "random".
+    """
+    rng = np.random.default_rng(seed)
+
+    def vec(*shape):
+        x = rng.normal(size=shape)
+        if normalize:
+            return x / np.linalg.norm(x, axis=-1, keepdims=True)
+        return x * rng.uniform(0.5, 2.0, size=shape[:-1] + (1,))
+
+    n = np.asarray(n_words)[:, None]
+    pos = np.arange(t)[None, :]
+    word_mask = (pos >= 1) & (pos <= n)
+    slot_mask = pos <= n + 1
+    word_emb = vec(b, t, d)
+    if pad == "zero":
+        word_emb = np.where(slot_mask[:, :, None], word_emb, 0.0)
+    word_attn = np.where(slot_mask, rng.uniform(0.01, 1.0, size=(b, t)), 0.0)
+    cast = lambda x: jnp.asarray(x, dtype)
+    return EncoderOutputs(
+        img_emb=cast(vec(b, d)), txt_emb=cast(vec(b, d)), patch_emb=cast(vec(b, p, d)), word_emb=cast(word_emb),
+        word_mask=jnp.asarray(word_mask), slot_mask=jnp.asarray(slot_mask), word_attn=cast(word_attn),
+        patch_attn=None, img_feat=None, txt_feat=None, patch_feat=None, word_feat=None, grid=(2, p // 2))
+
+
+@functools.lru_cache(maxsize=None)
+def _objective(items):
+    return make_objective(ml_collections.ConfigDict(dict(name="gloria", **dict(items))), steps_per_epoch=10)
+
+
+def objective(**kw):
+    return _objective(tuple(sorted(kw.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(obj):
+    return jax.jit(lambda o, batch: obj.loss({}, o, batch, 0))    # one compile per objective and shape
+
+
+def run(obj, out, batch=None):
+    return _jitted(obj)(out, batch or {})
+
+
+# ---- NumPy reference: the authors' loops (gloria_loss.local_loss / global_loss) -----------------------------
+
+def np_softmax(x, axis):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def np_cos(x, y):
+    return float(np.sum(x * y) / max(np.linalg.norm(x) * np.linalg.norm(y), 1e-8))
+
+
+def np_columns(i, n_words, cls=True, sep=False):
+    """The authors take the first cap_len = n + 1 columns ([CLS] + words); switches add/remove ends."""
+    cols = ([0] if cls else []) + list(range(1, n_words[i] + 1)) + ([n_words[i] + 1] if sep else [])
+    return cols
+
+
+def np_local_R(E, V, n_words, temp1, temp2, cls=True, sep=False, agg="sum"):
+    """R[j, i] for image j, text i, looping exactly as local_loss (agg 'max' as get_local_similarities)."""
+    b_txt, b_img = E.shape[0], V.shape[0]
+    R = np.zeros((b_img, b_txt))
+    for i in range(b_txt):
+        word = E[i, np_columns(i, n_words, cls, sep)]                    # [n, d]
+        for j in range(b_img):
+            ctx = V[j]                                                   # [p, d]
+            attn = np_softmax(ctx @ word.T, axis=1)                      # [p, n], softmax over words
+            attn = np_softmax(temp1 * attn.T, axis=1)                    # [n, p], softmax over regions
+            wctx = attn @ ctx                                            # [n, d]
+            sims = np.array([np.exp(temp2 * np_cos(word[t], wctx[t])) for t in range(len(word))])
+            if agg == "sum":
+                R[j, i] = np.log(sims.sum())
+            elif agg == "mean":
+                R[j, i] = np.log(sims.mean())
+            else:
+                R[j, i] = np.log(sims.max())
+    return R
+
+
+def np_ce_both(M):
+    n = M.shape[0]
+    l0 = np.mean([-(M[j, j] - np.log(np.exp(M[j]).sum())) for j in range(n)])
+    l1 = np.mean([-(M[i, i] - np.log(np.exp(M[:, i]).sum())) for i in range(n)])
+    return l0, l1
+
+
+def np_report(E, txt, n_words, mode):
+    if mode == "cls":
+        return txt
+    if mode == "mean_all_slots":
+        return E.sum(axis=1) / E.shape[1]
+    return np.stack([E[i, :n_words[i] + 2].mean(axis=0) for i in range(E.shape[0])])
+
+
+def np_gloria(out, n_words=N_WORDS, temp1=4.0, temp2=5.0, temp3=10.0, cls=True, sep=False,
+              report="mean_all_slots", agg="sum", paper=False, lw=1.0, gw=1.0):
+    f = lambda x: np.asarray(x, np.float64)
+    E, V = f(out.word_emb), f(out.patch_emb)
+    R = np_local_R(E, V, n_words, temp1, temp2, cls, sep, agg)
+    if paper:
+        R = R / temp2
+    l0, l1 = np_ce_both(temp3 * R)
+    g_txt = np_report(E, f(out.txt_emb), n_words, report)
+    img = f(out.img_emb)
+    G = temp3 * np.array([[np_cos(img[j], g_txt[i]) for i in range(len(g_txt))] for j in range(len(img))])
+    g0, g1 = np_ce_both(G)
+    return lw * (l0 + l1) + gw * (g0 + g1), l0 + l1, g0 + g1
+
+
+# ---- tests ------------------------------------------------------------------------------------------------------
+
+def test_registered_and_defaults_are_the_authors():
+    assert "gloria" in OBJECTIVES
+    s = gloria.GloriaConfig()
+    assert (s.temp1, s.temp2, s.temp3, s.local_weight, s.global_weight) == (4.0, 5.0, 10.0, 1.0, 1.0)
+    assert s.include_cls_word and not s.include_sep_word and s.report_vector == "mean_all_slots"
+    assert not s.paper_local_scale and s.local_agg == "sum"
+
+
+def test_faithful_loss_matches_reference():
+    out = random_outputs(0)
+    total, m = run(objective(text_chunk=3), out)           # 3 does not divide 4: the padded-chunk path
+    want, local, glob = np_gloria(out)
+    np.testing.assert_allclose(total, want, rtol=2e-5)
+    np.testing.assert_allclose(m["loss/local"], local, rtol=2e-5)
+    np.testing.assert_allclose(m["loss/global"], glob, rtol=2e-5)
+
+
+def test_fixed_switches_match_reference():
+    out = random_outputs(1)
+    cfg = dict(include_cls_word=False, include_sep_word=True, report_vector="mean_slots", paper_local_scale=True,
+               local_agg="mean", temp1=3.0, temp2=4.0, temp3=7.0, local_weight=0.5, global_weight=2.0)
+    total, _ = run(objective(**cfg), out)
+    want, _, _ = np_gloria(out, temp1=3.0, temp2=4.0, temp3=7.0, cls=False, sep=True, report="mean_slots",
+                           agg="mean", paper=True, lw=0.5, gw=2.0)
+    np.testing.assert_allclose(total, want, rtol=2e-5)
+    total_cls, _ = run(objective(report_vector="cls"), out)
+    np.testing.assert_allclose(total_cls, np_gloria(out, report="cls")[0], rtol=2e-5)
+
+
+def _loss_fn(obj, out):
+    def f(word_emb, patch_emb, img_emb, txt_emb):
+        o = out.replace(word_emb=word_emb, patch_emb=patch_emb, img_emb=img_emb, txt_emb=txt_emb)
+        return obj.loss({}, o, {}, 0)[0]
+    return f
+
+
+def test_chunked_equals_unchunked_value_and_gradient():
+    out = random_outputs(2)
+    args = (out.word_emb, out.patch_emb, out.img_emb, out.txt_emb)
+    ref_v, ref_g = jax.jit(jax.value_and_grad(_loss_fn(objective(text_chunk=None), out), argnums=(0, 1, 2, 3)))(*args)
+    for chunk in (1, 3):
+        v, g = jax.jit(jax.value_and_grad(_loss_fn(objective(text_chunk=chunk), out), argnums=(0, 1, 2, 3)))(*args)
+        np.testing.assert_allclose(v, ref_v, rtol=1e-6)
+        for a, b in zip(g, ref_g):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(ref_g[1])).max() > 0           # the local term reaches the regions
+
+
+def test_gradients_match_finite_differences_float64():
+    with jax.enable_x64(True):
+        out = random_outputs(3, b=3, t=5, p=4, d=3, n_words=(1, 3, 2), dtype=np.float64)
+        f = _loss_fn(objective(text_chunk=2), out)
+        args = (out.word_emb, out.patch_emb, out.img_emb, out.txt_emb)
+        vg = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))
+        _, grads = vg(*args)
+        rng = np.random.default_rng(0)
+        for _ in range(3):
+            dirs = [jnp.asarray(rng.normal(size=a.shape)) for a in args]
+            eps = 1e-6
+            plus = vg(*[a + eps * v for a, v in zip(args, dirs)])[0]
+            minus = vg(*[a - eps * v for a, v in zip(args, dirs)])[0]
+            numeric = (float(plus) - float(minus)) / (2 * eps)
+            analytic = sum(float(jnp.vdot(g, v)) for g, v in zip(grads, dirs))
+            np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-8)
+
+
+def test_padding_slots_matter_only_through_the_authors_report_vector():
+    out = random_outputs(4)
+    noisy = random_outputs(4, pad="random")                 # same real slots, random padding vectors
+    np.testing.assert_array_equal(np.asarray(out.word_emb)[np.asarray(out.slot_mask)],
+                                  np.asarray(noisy.word_emb)[np.asarray(noisy.slot_mask)])
+    faithful, fixed = objective(), objective(report_vector="mean_slots")
+    (a, ma), (b, mb) = run(faithful, out), run(faithful, noisy)
+    assert abs(float(a) - float(b)) > 1e-3                  # mean over all slots reads the padding
+    np.testing.assert_allclose(ma["loss/local"], mb["loss/local"], rtol=1e-6)
+    (c, _), (d, _) = run(fixed, out), run(fixed, noisy)
+    np.testing.assert_allclose(c, d, rtol=1e-6)
+
+
+def test_sep_and_cls_enter_the_local_term_only_as_configured():
+    out = random_outputs(5)
+    we = np.array(out.word_emb)
+    sep = np.array([n + 1 for n in N_WORDS])
+    we2 = we.copy()
+    we2[np.arange(B), sep] += 3.0
+    moved_sep = out.replace(word_emb=jnp.asarray(we2))
+    local = lambda obj, o: float(run(obj, o)[1]["loss/local"])
+    faithful, with_sep = objective(), objective(include_sep_word=True)
+    assert local(faithful, out) == local(faithful, moved_sep)
+    assert abs(local(with_sep, out) - local(with_sep, moved_sep)) > 1e-4
+    we3 = we.copy()
+    we3[:, 0] += 3.0
+    moved_cls = out.replace(word_emb=jnp.asarray(we3))
+    no_cls = objective(include_cls_word=False)
+    assert abs(local(faithful, out) - local(faithful, moved_cls)) > 1e-4
+    assert local(no_cls, out) == local(no_cls, moved_cls)
+
+
+def test_batch_permutation_invariance_and_valid_rows():
+    out = random_outputs(6)
+    obj = objective(text_chunk=2)
+    perm = np.array([2, 0, 3, 1])
+    permuted = jax.tree_util.tree_map(lambda x: x[perm], out)
+    np.testing.assert_allclose(run(obj, permuted)[0], run(obj, out)[0], rtol=1e-6)
+    valid = jnp.asarray([True, False, True, True])
+    keep = np.asarray(valid)
+    sub = jax.tree_util.tree_map(lambda x: x[keep], out)
+    want = np_gloria(sub, n_words=tuple(np.asarray(N_WORDS)[keep]))[0]
+    np.testing.assert_allclose(run(obj, out, {"valid": valid})[0], want, rtol=2e-5)
+
+
+def test_similarity_maps_are_the_matching_pair_attention():
+    out = random_outputs(7)
+    maps = np.asarray(objective().similarity_maps({}, out))
+    assert maps.shape == (B, T, P)
+    E, V = np.asarray(out.word_emb, np.float64), np.asarray(out.patch_emb, np.float64)
+    for i in range(B):
+        cols = np_columns(i, N_WORDS)
+        attn = np_softmax(V[i] @ E[i, cols].T, axis=1)
+        beta = np_softmax(4.0 * attn.T, axis=1)
+        np.testing.assert_allclose(maps[i, cols], beta, rtol=1e-5, atol=1e-7)
+        others = np.setdiff1d(np.arange(T), cols)
+        assert np.all(maps[i, others] == 0)
+
+
+def test_zero_shot_scores_match_reference():
+    imgs = random_outputs(8, b=5, n_words=(2, 5, 1, 3, 4))
+    prompts = random_outputs(9, b=4, n_words=(2, 3, 1, 4))
+    prompt_class = np.array([0, 1, 0, 2])
+    prompt_emb = gloria.report_vector(prompts.word_emb, prompts.slot_mask, prompts.txt_emb, "mean_all_slots")
+    scores = jax.jit(gloria.gloria_zero_shot_scores, static_argnames=("num_classes", "text_chunk", "normalize"))
+    got = scores(imgs.img_emb, imgs.patch_emb, prompt_emb, prompts.word_emb, prompts.word_mask,
+                 jnp.asarray(prompt_class), num_classes=3, text_chunk=3)
+    f = lambda x: np.asarray(x, np.float64)
+    local = np_local_R(f(prompts.word_emb), f(imgs.patch_emb), (2, 3, 1, 4), 4.0, 5.0, cls=False, agg="max")
+    g = f(prompt_emb)
+    glob = np.array([[np_cos(f(imgs.img_emb)[j], g[i]) for i in range(4)] for j in range(5)])
+    sim = (local + glob) / 2
+    cls_scores = np.stack([sim[:, prompt_class == c].max(axis=1) for c in range(3)], axis=1)
+    want = (cls_scores - cls_scores.mean(0)) / cls_scores.std(0)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    raw = scores(imgs.img_emb, imgs.patch_emb, prompt_emb, prompts.word_emb, prompts.word_mask,
+                 jnp.asarray(prompt_class), num_classes=3, text_chunk=3, normalize=False)
+    np.testing.assert_allclose(raw, cls_scores, rtol=1e-5, atol=1e-6)
