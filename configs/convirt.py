@@ -15,7 +15,7 @@ def get_config(arg=None):
     arg = config_lib.parse_arg(arg, image="vit")
     c = config_lib.base(arg.variant, image=arg.image)
     c.method.name = "convirt"
-    c.method.temperature = 0.07 if arg.variant == "paper" else 0.1
+    c.method.temperature = 0.07
     c.method.learn_temperature = False
     c.method.reduce_directions = "sum" if arg.variant == "paper" else "mean"
     c.method.i2t_weight = 0.5
