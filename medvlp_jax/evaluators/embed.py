@@ -18,15 +18,26 @@ def variables_of(state) -> dict[str, Any]:
     return {"params": state.params["encoders"], **state.model_state}
 
 
+_FORWARD_CACHE: dict[tuple, Any] = {}
+
+
 def make_forward(model, mesh, fields: Sequence[str]):
-    """jit(batch -> {field: [b, ...]}) of the eval-mode forward pass; outputs gathered to every host."""
+    """jit(batch -> {field: [b, ...]}) of the eval-mode forward pass; outputs gathered to every host.
+
+    Cached per (model, mesh, fields), so repeated evaluations of one run compile once.
+    """
+    key = (id(model), id(mesh), tuple(fields))
+    if key in _FORWARD_CACHE and _FORWARD_CACHE[key][0] is model:
+        return _FORWARD_CACHE[key][1]
     out_sharding = sharding_lib.replicated(mesh)
 
     def forward(variables, batch):
         out = model.apply(variables, batch, train=False)
         return {f: getattr(out, f) for f in fields}
 
-    return jax.jit(forward, out_shardings=out_sharding)
+    fn = jax.jit(forward, out_shardings=out_sharding)
+    _FORWARD_CACHE[key] = (model, fn)
+    return fn
 
 
 def embed_split(config, model, variables, mesh, tokenizer, split: str,
