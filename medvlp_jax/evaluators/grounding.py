@@ -1,0 +1,214 @@
+"""Phrase grounding (methods.md 10.5): does the phrase's similarity map light up the finding's box?
+
+For every test example and every distinct finding phrase in it (``finding_phrases``; findings sharing a
+phrase are one query whose boxes are the union), the phrase is encoded by the text tower with its image,
+and a map over the patch grid is formed:
+
+* ``cfg.map="objective"``: the method's own word-to-patch maps (``Objective.similarity_maps`` [b, t, p]:
+  MGCA/GLoRIA attention, SISTA/AGA/PLAN grouping weights), averaged over the phrase's words (``word_mask``);
+* ``cfg.map="cosine"``: cosine between the phrase embedding ``txt_emb`` and each ``patch_emb`` (the MS-CXR
+  protocol; the only choice for ConVIRT, whose objective has no local maps);
+* ``cfg.map="auto"`` (default): ``objective`` when the method defines maps, else ``cosine``.
+
+The [gh, gw] map is upsampled bilinearly (half-pixel centres) to the evaluation crop and scored against
+the boxes, in the crop's coordinates (same resize / pad / centre crop as the images):
+
+* ``cnr``: contrast-to-noise ratio inside vs outside each box, averaged over the phrase's boxes
+  (``metrics.cnr``); ``pointing_game``: the map's maximum lies in a box (``metrics.pointing_game``);
+  ``miou``: IoU of the min-max normalised map thresholded at 0.1..0.5 with the boxes' union, averaged
+  (``metrics.miou_at_thresholds``).
+
+Results: means over phrases, per finding name (``cnr/<name>``, ...), and protocol facts. A few figures
+(image, one panel per phrase with its box) go to ``cfg.heatmaps_dir`` (default ``<workdir>/eval/heatmaps/``;
+``cfg.num_heatmaps`` of them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from medvlp_jax import metrics, sharding as sharding_lib, viz
+from medvlp_jax.data import tokenizer as tokenizer_lib
+from medvlp_jax.evaluators import EVALUATORS, data_info, eval_config
+from medvlp_jax.evaluators.segmentation import LocalizedSplit, batched_apply, read_localized_split
+
+MAP_MODES = ("auto", "objective", "cosine")
+
+
+@dataclasses.dataclass
+class PhraseQuery:
+    """One grounding query: a phrase of an example and every box it names.
+
+    Attributes:
+        example: row of the split.
+        phrase: the phrase text.
+        name: finding name (of the phrase's first finding).
+        boxes: [k, 4] (ymin, xmin, ymax, xmax) fractions of the crop.
+    """
+    example: int
+    phrase: str
+    name: str
+    boxes: np.ndarray
+
+
+def phrase_queries(split: LocalizedSplit, examples: Optional[Sequence[int]] = None) -> list[PhraseQuery]:
+    """The grounding queries of a split: one per (example, distinct non-empty phrase), in order."""
+    out = []
+    for i in (range(len(split)) if examples is None else examples):
+        by_phrase: dict[str, list[int]] = {}
+        for j, phrase in enumerate(split.phrases[i]):
+            if phrase.strip():
+                by_phrase.setdefault(phrase, []).append(j)
+        for phrase, js in by_phrase.items():
+            out.append(PhraseQuery(int(i), phrase, split.names[i][js[0]], split.boxes[i][js].reshape(-1, 4)))
+    return out
+
+
+def resolve_mode(run, mode: str) -> str:
+    """'objective' or 'cosine' for ``mode`` in MAP_MODES (see module docstring)."""
+    if mode not in MAP_MODES:
+        raise ValueError(f"grounding.map must be one of {MAP_MODES}, got {mode!r}")
+    has_maps = getattr(run.objective, "similarity_maps", None) is not None
+    if mode == "auto":
+        return "objective" if has_maps else "cosine"
+    if mode == "objective" and not has_maps:
+        raise ValueError(f"method {run.objective.name!r} defines no similarity_maps; use grounding.map='cosine'")
+    return mode
+
+
+def phrase_map_fn(run, mode: str):
+    """jit((method_params, variables, batch) -> [b, gh, gw]) of the grid map for one (image, phrase) per row."""
+
+    def fn(method_params, variables, batch):
+        out = run.model.apply(variables, batch, train=False)
+        gh, gw = out.grid
+        if mode == "objective":
+            maps = run.objective.similarity_maps(method_params, out).astype(jnp.float32)      # [b, t, p]
+            words = out.word_mask.astype(jnp.float32)
+            m = jnp.einsum("btp,bt->bp", maps, words) / jnp.maximum(words.sum(axis=1, keepdims=True), 1.0)
+        else:
+            txt = out.txt_emb / jnp.maximum(jnp.linalg.norm(out.txt_emb, axis=-1, keepdims=True), 1e-12)
+            patch = out.patch_emb / jnp.maximum(jnp.linalg.norm(out.patch_emb, axis=-1, keepdims=True), 1e-12)
+            m = jnp.einsum("bd,bpd->bp", txt, patch)
+        return m.reshape(m.shape[0], gh, gw)
+
+    return jax.jit(fn, out_shardings=sharding_lib.replicated(run.mesh))
+
+
+def phrase_maps(run, images: np.ndarray, phrases: Sequence[str], *, mode: str = "auto", batch_size: int = 0,
+                max_text_len: Optional[int] = None) -> np.ndarray:
+    """Grid similarity maps of phrases over their images.
+
+    Args:
+        run: a loaded Run.
+        images: [m, h, w, c] evaluation-preprocessed images, one per phrase.
+        phrases: [m] texts.
+        mode: see MAP_MODES.
+        batch_size: rows per call (0: the run's training batch size).
+        max_text_len: token length (default the run's).
+
+    Returns:
+        [m, gh, gw] float32 maps (higher = more related).
+    """
+    if len(phrases) != len(images):
+        raise ValueError(f"{len(images)} images but {len(phrases)} phrases")
+    mode = resolve_mode(run, mode)
+    tokens = tokenizer_lib.encode(run.tokenizer, list(phrases), int(max_text_len or run.config.data.max_text_len))
+    fn = phrase_map_fn(run, mode)
+    arrays = {"image": np.asarray(images, np.float32), **tokens}
+    return batched_apply(lambda b: fn(run.method_params, run.variables, b), arrays, mesh=run.mesh,
+                         batch_size=int(batch_size or run.config.train.batch_size)).astype(np.float32)
+
+
+def box_masks(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[k, height, width] bool rasterised boxes (``metrics.box_to_mask``) of [k, 4] fractions."""
+    return np.stack([metrics.box_to_mask(b, height, width) for b in np.asarray(boxes).reshape(-1, 4)])
+
+
+def score_map(sim_map: np.ndarray, boxes: np.ndarray) -> dict[str, float]:
+    """CNR, pointing game and mIoU of one image-sized map [h, w] against its boxes [k, 4] (fractions)."""
+    masks = box_masks(boxes, *sim_map.shape)
+    return {"cnr": metrics.cnr(sim_map, masks), "pointing_game": float(metrics.pointing_game(sim_map, masks)),
+            "miou": metrics.miou_at_thresholds(sim_map, masks)}
+
+
+def aggregate(scores: list[dict[str, float]], names: list[str]) -> dict[str, Any]:
+    """Means over queries and per finding name; counts under ``protocol/num_phrases[/<name>]``."""
+    out: dict[str, Any] = {"protocol/num_phrases": len(scores)}
+    if not scores:
+        return out
+    keys = list(scores[0])
+    for k in keys:
+        out[k] = float(np.mean([s[k] for s in scores]))
+    for name in sorted(set(names)):
+        sel = [s for s, n in zip(scores, names) if n == name]
+        for k in keys:
+            out[f"{k}/{name}"] = float(np.mean([s[k] for s in sel]))
+        out[f"protocol/num_phrases/{name}"] = len(sel)
+    return out
+
+
+def ground_split(run, split: LocalizedSplit, *, mode: str = "auto",
+                 batch_size: int = 0) -> tuple[list[PhraseQuery], np.ndarray, list[dict[str, float]]]:
+    """Maps and scores of every query of ``split``.
+
+    Returns:
+        (queries, image-sized maps [m, crop, crop], per-query scores).
+    """
+    queries = phrase_queries(split)
+    if not queries:
+        return [], np.zeros((0, split.size, split.size), np.float32), []
+    images = split.images[[q.example for q in queries]]
+    grids = phrase_maps(run, images, [q.phrase for q in queries], mode=mode, batch_size=batch_size)
+    maps = np.stack([viz.upsample_bilinear(g, (split.size, split.size)) for g in grids])
+    scores = [score_map(m, q.boxes) for m, q in zip(maps, queries)]
+    return queries, maps, scores
+
+
+def write_heatmaps(split: LocalizedSplit, queries: list[PhraseQuery], maps: np.ndarray, out_dir: str,
+                   n: int) -> list[str]:
+    """One PNG per example (its first ``n`` examples with queries): a panel per phrase, box drawn."""
+    by_example: dict[int, list[int]] = {}
+    for k, q in enumerate(queries):
+        by_example.setdefault(q.example, []).append(k)
+    paths = []
+    os.makedirs(out_dir, exist_ok=True)
+    for i, ks in list(by_example.items())[:n]:
+        panels = [(queries[k].phrase, maps[k], queries[k].boxes) for k in ks]
+        fig = viz.phrase_figure(split.images[i], panels, title=f"{split.ids[i]}: {split.reports[i]}")
+        path = os.path.join(out_dir, f"{len(paths):03d}_{viz.safe_name(split.ids[i])}.png")
+        fig.savefig(path, dpi=100)
+        paths.append(path)
+    return paths
+
+
+@EVALUATORS.register("grounding")
+def evaluate(run, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Phrase grounding on ``cfg.data.test_split`` (see module docstring)."""
+    config = eval_config(run, cfg)
+    info = data_info(config)
+    split = read_localized_split(config, cfg.data.test_split, limit=int(cfg.get("limit_examples", 0)) or None)
+    mode = resolve_mode(run, cfg.get("map", "auto"))
+    batch_size = int(cfg.get("batch_size", 0) or config.train.batch_size)
+    queries, maps, scores = ground_split(run, split, mode=mode, batch_size=batch_size)
+    res: dict[str, Any] = aggregate(scores, [q.name for q in queries])
+    res.update({
+        "protocol/data": info.get("name", ""), "protocol/root": config.data.root,
+        "protocol/split": split.split, "protocol/num_images": len(split),
+        "protocol/images_with_phrases": len({q.example for q in queries}),
+        "protocol/map": mode, "protocol/method": run.objective.name,
+        "protocol/miou_thresholds": ", ".join(f"{t:g}" for t in metrics.GROUNDING_THRESHOLDS),
+        "protocol/findings_outside_crop": split.findings_dropped,
+    })
+    n = int(cfg.get("num_heatmaps", 8))
+    if n > 0 and queries and jax.process_index() == 0:
+        out_dir = cfg.get("heatmaps_dir", "") or os.path.join(run.workdir, "eval", "heatmaps")
+        paths = write_heatmaps(split, queries, maps, out_dir, n)
+        res["protocol/heatmaps"] = f"{len(paths)} PNG in {out_dir}"
+    return res

@@ -1,0 +1,238 @@
+"""Pictures: word-to-region heatmaps over radiographs, and training curves.
+
+    fig = heatmap_overlay(image, sim_map, box=(0.2, 0.1, 0.5, 0.4), title="left pleural effusion")
+    paths = save_heatmaps(run, "test", "runs/x/eval/heatmaps", n=8)   # one PNG per report, a panel per phrase
+    fig = plot_training_curves("runs/x")                             # from <workdir>/metrics.jsonl
+
+Figures are ``matplotlib.figure.Figure`` objects built without pyplot (no GUI backend, no global figure
+state): ``fig.savefig(path)`` writes them and Jupyter displays them. Boxes are (ymin, xmin, ymax, xmax)
+fractions of the image, as in the data schema.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import textwrap
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+BOX_COLOR = "#00ff66"
+
+
+def upsample_bilinear(grid_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize with half-pixel centres and clamped edges (``jax.image.resize`` 'bilinear' upsampling).
+
+    Args:
+        grid_map: [gh, gw].
+        size: (h, w) of the output.
+
+    Returns:
+        [h, w] float32.
+    """
+    m = np.asarray(grid_map, np.float32)
+    if m.ndim != 2:
+        raise ValueError(f"grid_map must be 2-D [gh, gw], got shape {m.shape}")
+
+    def axis_weights(n_in: int, n_out: int):
+        s = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        i0 = np.floor(s).astype(np.int64)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        return i0, i1, (s - i0).astype(np.float32)
+
+    y0, y1, wy = axis_weights(m.shape[0], int(size[0]))
+    x0, x1, wx = axis_weights(m.shape[1], int(size[1]))
+    rows = m[y0] * (1 - wy)[:, None] + m[y1] * wy[:, None]
+    return rows[:, x0] * (1 - wx)[None, :] + rows[:, x1] * wx[None, :]
+
+
+def display_image(image: np.ndarray) -> np.ndarray:
+    """[h, w] in [0, 1] for display from an evaluation image [h, w] / [h, w, c] in [-1, 1] (or [0, 1])."""
+    a = np.asarray(image, np.float32)
+    if a.ndim == 3:
+        a = a[..., 0]
+    if a.min() < 0:
+        a = (a + 1.0) / 2.0
+    return np.clip(a, 0.0, 1.0)
+
+
+def safe_name(text: str, max_len: int = 60) -> str:
+    """A file-name-safe version of ``text``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:max_len] or "x"
+
+
+def wrap(text: str, width: int, max_lines: int) -> str:
+    """``text`` wrapped to ``width`` characters, at most ``max_lines`` lines (the last ends with '...' if cut)."""
+    lines = textwrap.wrap(" ".join(text.split()), width)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][:max(0, width - 3)].rstrip() + "..."
+    return "\n".join(lines)
+
+
+def _boxes(box) -> np.ndarray:
+    return np.zeros((0, 4)) if box is None else np.asarray(box, np.float64).reshape(-1, 4)
+
+
+def heatmap_overlay(image: np.ndarray, sim_map: np.ndarray, box=None, *, title: Optional[str] = None, ax=None,
+                    alpha: float = 0.45, cmap: str = "jet", mark_max: bool = True):
+    """The radiograph in grey with the (min-max normalised) map over it and the box(es) drawn.
+
+    Args:
+        image: [h, w] or [h, w, c] (values in [-1, 1] or [0, 1]).
+        sim_map: [gh, gw] (upsampled bilinearly) or [h, w].
+        box: None, one (ymin, xmin, ymax, xmax) box or [k, 4], fractions of the image.
+        title: panel title (wrapped).
+        ax: draw into this Axes; default a new one-panel Figure.
+        alpha: opacity of the map.
+        cmap: colour map of the map.
+        mark_max: mark the map's maximum (the pointing-game point) with a cross.
+
+    Returns:
+        the Figure.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+    img = display_image(image)
+    h, w = img.shape
+    m = np.asarray(sim_map, np.float32)
+    if m.shape != (h, w):
+        m = upsample_bilinear(m, (h, w))
+    lo, hi = float(m.min()), float(m.max())
+    norm = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
+    if ax is None:
+        fig = Figure(figsize=(4, 4.4))
+        ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(img, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.imshow(norm, cmap=cmap, alpha=alpha, vmin=0, vmax=1, interpolation="nearest")
+    for ymin, xmin, ymax, xmax in _boxes(box):
+        ax.add_patch(Rectangle((xmin * w - 0.5, ymin * h - 0.5), (xmax - xmin) * w, (ymax - ymin) * h,
+                               fill=False, edgecolor=BOX_COLOR, linewidth=2))
+    if mark_max and hi > lo:
+        yi, xi = np.unravel_index(int(np.argmax(m)), m.shape)
+        ax.plot([xi], [yi], marker="x", color="white", markersize=9, markeredgewidth=2.5)
+    if title:
+        ax.set_title(wrap(title, 38, 2), fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return ax.figure
+
+
+def phrase_figure(image: np.ndarray, panels: Sequence[tuple[str, np.ndarray, Any]], *, title: Optional[str] = None):
+    """One row: the image alone, then one heatmap panel per (phrase, map, boxes).
+
+    Args:
+        image: [h, w] or [h, w, c].
+        panels: (phrase, map [gh, gw] or [h, w], boxes [k, 4] fractions or None) per phrase.
+        title: figure title (e.g. the report; wrapped, at most 3 lines).
+
+    Returns:
+        the Figure.
+    """
+    from matplotlib.figure import Figure
+    n = len(panels) + 1
+    fig = Figure(figsize=(3.2 * n, 4.6), layout="constrained")
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    axes[0].imshow(display_image(image), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    axes[0].set_title("image", fontsize=9)
+    axes[0].set_xticks([])
+    axes[0].set_yticks([])
+    for ax, (phrase, sim_map, boxes) in zip(axes[1:], panels):
+        heatmap_overlay(image, sim_map, boxes, title=phrase, ax=ax)
+    if title:
+        fig.suptitle(wrap(title, 42 * n, 3), fontsize=9)
+    return fig
+
+
+def save_heatmaps(run, split: str = "test", out_dir: Optional[str] = None, n: int = 8, *, mode: str = "auto",
+                  batch_size: int = 0) -> list[str]:
+    """PNGs of word-to-region heatmaps for the first ``n`` reports of ``split`` that name localised findings.
+
+    Each PNG shows the image and one panel per finding phrase (the phrase's map, its box drawn, the map's
+    maximum marked); the report is the title. Maps as the grounding evaluator computes them (``mode``:
+    'auto' = the method's word-to-patch maps when it has them, else phrase-patch cosine).
+
+    Args:
+        run: a loaded Run (``evaluators.common.load_run``); its own data and preprocessing are used.
+        split: split name.
+        out_dir: where the PNGs go (default ``<workdir>/eval/heatmaps``).
+        n: number of reports.
+        mode: 'auto', 'objective' or 'cosine'.
+        batch_size: rows per forward call (0: the run's).
+
+    Returns:
+        the PNG paths.
+    """
+    import ml_collections
+    from medvlp_jax.evaluators import default_data, eval_config
+    from medvlp_jax.evaluators import grounding
+    from medvlp_jax.evaluators.segmentation import read_localized_split
+    config = eval_config(run, ml_collections.ConfigDict(dict(data=default_data(), batch_size=batch_size)))
+    data = read_localized_split(config, split)
+    examples = [i for i in range(len(data)) if any(p.strip() for p in data.phrases[i])][:n]
+    queries = grounding.phrase_queries(data, examples)
+    if not queries:
+        return []
+    grids = grounding.phrase_maps(run, data.images[[q.example for q in queries]], [q.phrase for q in queries],
+                                  mode=mode, batch_size=batch_size)
+    maps = np.stack([upsample_bilinear(g, (data.size, data.size)) for g in grids])
+    return grounding.write_heatmaps(data, queries, maps, out_dir or os.path.join(run.workdir, "eval", "heatmaps"), n)
+
+
+def read_metrics(workdir: str) -> list[dict[str, float]]:
+    """The rows of ``<workdir>/metrics.jsonl`` (one dict per logged step)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist (is {workdir!r} a pretraining workdir?)")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+_DEFAULT_PANELS = (
+    ("loss", lambda k: k == "train/loss" or k.startswith("loss/")),
+    ("accuracy (in-batch)", lambda k: k.startswith("acc/")),
+    ("learning rate", lambda k: k == "train/lr"),
+    ("gradient norm", lambda k: k == "train/grad_norm"),
+)
+
+
+def plot_training_curves(workdir: str, keys: Optional[Sequence[str]] = None):
+    """Training curves from ``metrics.jsonl``.
+
+    Args:
+        workdir: pretraining workdir.
+        keys: metrics to plot, one panel each; default panels: loss terms, in-batch accuracies, learning
+            rate, gradient norm (those present).
+
+    Returns:
+        the Figure.
+    """
+    from matplotlib.figure import Figure
+    rows = read_metrics(workdir)
+    names = sorted({k for r in rows for k in r if k not in ("step", "time")})
+    if keys is not None:
+        missing = [k for k in keys if k not in names]
+        if missing:
+            raise KeyError(f"metrics {missing} are not in {workdir}/metrics.jsonl; it has {names}")
+        panels = [(k, [k]) for k in keys]
+    else:
+        panels = [(title, [k for k in names if pick(k)]) for title, pick in _DEFAULT_PANELS]
+        panels = [(t, ks) for t, ks in panels if ks]
+    if not panels:
+        raise ValueError(f"nothing to plot in {workdir}/metrics.jsonl")
+    fig = Figure(figsize=(4.2 * len(panels), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, ks) in zip(axes, panels):
+        for k in ks:
+            pts = [(r["step"], r[k]) for r in rows if k in r and r[k] is not None and np.isfinite(r[k])]
+            if pts:
+                steps, values = zip(*pts)
+                ax.plot(steps, values, marker="." if len(pts) < 30 else None, label=k)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(ks) > 1:
+            ax.legend(fontsize=7)
+    fig.suptitle(os.path.basename(os.path.normpath(workdir)), fontsize=10)
+    return fig

@@ -1,0 +1,139 @@
+"""Phrase grounding: scoring of maps against boxes, query grouping, the word-averaged objective maps and the
+cosine maps against independent computations, and the evaluator end to end on ``syn_run``."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+
+
+def _gaussian(h, w, cy, cx, sigma=3.0):
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma ** 2))
+
+
+def test_map_peaking_inside_the_box_scores_well():
+    from medvlp_jax.evaluators.grounding import score_map
+    box = np.array([[0.25, 0.5, 0.75, 1.0]])          # rows 8..23, cols 16..31 of a 32x32 map
+    inside = score_map(_gaussian(32, 32, 16, 24), box)
+    assert inside["pointing_game"] == 1.0 and inside["cnr"] > 0.5 and inside["miou"] > 0.1
+    outside = score_map(_gaussian(32, 32, 4, 4), box)
+    assert outside["pointing_game"] == 0.0 and outside["miou"] < inside["miou"]
+    # A map equal to the box is perfect at every threshold.
+    m = np.zeros((32, 32))
+    m[8:24, 16:32] = 1.0
+    exact = score_map(m, box)
+    assert exact["pointing_game"] == 1.0 and exact["miou"] == pytest.approx(1.0) and exact["cnr"] == np.inf
+
+
+def _split(phrases, names, boxes, size=8):
+    from medvlp_jax.evaluators.segmentation import LocalizedSplit
+    n = len(phrases)
+    return LocalizedSplit(split="test", ids=[f"i{k}" for k in range(n)], index=np.arange(n),
+                          images=np.zeros((n, size, size, 1), np.float32), reports=[""] * n, names=names,
+                          phrases=phrases, boxes=[np.asarray(b, np.float32).reshape(-1, 4) for b in boxes],
+                          masks=[np.zeros((len(b), size, size), bool) for b in boxes])
+
+
+def test_phrase_queries_group_boxes_of_one_phrase():
+    from medvlp_jax.evaluators.grounding import aggregate, phrase_queries
+    split = _split([["left effusion", "opacity here", "left effusion"], [], ["", "nodule"]],
+                   [["effusion", "opacity", "effusion"], [], ["x", "nodule"]],
+                   [[[0, 0, .5, .5], [.1, .1, .2, .2], [.5, .5, 1, 1]], [], [[0, 0, 1, 1], [0, 0, .3, .3]]])
+    q = phrase_queries(split)
+    assert [(x.example, x.phrase, x.name, len(x.boxes)) for x in q] == [
+        (0, "left effusion", "effusion", 2), (0, "opacity here", "opacity", 1), (2, "nodule", "nodule", 1)]
+    agg = aggregate([{"cnr": 1.0}, {"cnr": 2.0}, {"cnr": 4.0}], ["effusion", "effusion", "nodule"])
+    assert agg["cnr"] == pytest.approx(7 / 3) and agg["cnr/effusion"] == 1.5 and agg["cnr/nodule"] == 4.0
+    assert agg["protocol/num_phrases"] == 3 and agg["protocol/num_phrases/effusion"] == 2
+
+
+def test_objective_maps_are_averaged_over_the_phrase_words(syn_run):
+    """A fake objective whose word slot t points at patch t: the phrase map is 1/n_words on patches 1..n_words."""
+    import jax.numpy as jnp
+    from medvlp_jax.data import tokenizer as tokenizer_lib
+    from medvlp_jax.evaluators.grounding import phrase_maps
+
+    def fake_maps(method_params, out):
+        t, p = out.word_emb.shape[1], out.patch_emb.shape[1]
+        return jnp.broadcast_to(jnp.eye(t, p)[None], (out.word_emb.shape[0], t, p))
+
+    run = dataclasses.replace(syn_run, objective=syn_run.objective._replace(similarity_maps=fake_maps))
+    phrases = ["small left pleural effusion", "the heart is enlarged", "opacity"]
+    images = np.zeros((3, 32, 32, 1), np.float32)
+    maps = phrase_maps(run, images, phrases, mode="objective")
+    assert maps.shape == (3, 4, 4)
+    word_ids = tokenizer_lib.encode(run.tokenizer, phrases, run.config.data.max_text_len)["word_ids"]
+    for m, w in zip(maps, word_ids):
+        n_words = int(w.max()) - 1                      # slots: [CLS] 0, words 1..n, [SEP] n+1
+        want = np.zeros(16)
+        want[1:n_words + 1] = 1.0 / n_words
+        np.testing.assert_allclose(m.reshape(-1), want, atol=1e-6)
+    with pytest.raises(ValueError):
+        phrase_maps(syn_run, images, phrases, mode="objective")   # ConVIRT has no local maps
+
+
+def test_cosine_maps_match_the_towers(syn_run):
+    import jax
+    from medvlp_jax.data import tokenizer as tokenizer_lib
+    from medvlp_jax.evaluators.grounding import phrase_maps, resolve_mode
+    assert resolve_mode(syn_run, "auto") == "cosine"
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (3, 32, 32, 1)).astype(np.float32)
+    phrases = ["small left pleural effusion", "the heart is enlarged", "patchy opacity"]
+    maps = phrase_maps(syn_run, images, phrases, mode="auto", batch_size=8)
+    model, v = syn_run.model, jax.device_get(syn_run.variables)
+    tok = tokenizer_lib.encode(syn_run.tokenizer, phrases, syn_run.config.data.max_text_len)
+    # The towers separately (the evaluator runs the joint forward on (image, phrase) rows).
+    patch = np.asarray(jax.jit(lambda x: model.apply(v, {"image": x}, train=False,
+                                                     method="encode_image").patch_emb)(images), np.float64)
+    txt = np.asarray(jax.jit(lambda t: model.apply(v, t, train=False, method="encode_text").txt_emb)(tok),
+                     np.float64)
+    want = np.einsum("bd,bpd->bp", txt / np.linalg.norm(txt, axis=-1, keepdims=True),
+                     patch / np.linalg.norm(patch, axis=-1, keepdims=True))
+    np.testing.assert_allclose(maps.reshape(3, -1), want, atol=1e-4)
+
+
+def test_evaluate_on_the_synthetic_run(syn_run):
+    import ml_collections
+    from medvlp_jax import evaluators
+    from medvlp_jax.data.sources import synthetic
+    from medvlp_jax.evaluators import grounding
+    assert evaluators.get("grounding") is grounding.evaluate
+    cfg = ml_collections.ConfigDict(dict(data=evaluators.default_data(), seed=0, map="auto", num_heatmaps=2))
+    res = grounding.evaluate(syn_run, cfg)
+    assert res["protocol/map"] == "cosine" and res["protocol/num_images"] == 32
+    assert res["protocol/num_phrases"] == sum(res[f"protocol/num_phrases/{n}"] for n in synthetic._PHRASES)
+    for name in [""] + [f"/{n}" for n in synthetic._PHRASES]:
+        assert res[f"cnr{name}"] >= 0 and 0 <= res[f"pointing_game{name}"] <= 1 and 0 <= res[f"miou{name}"] <= 1
+    pngs = sorted(os.listdir(os.path.join(syn_run.workdir, "eval", "heatmaps")))
+    assert len(pngs) >= 2 and all(p.endswith(".png") for p in pngs)
+
+
+def test_evaluate_rewards_a_map_that_finds_the_box(syn_run, monkeypatch):
+    """Maps that light up exactly the phrase's box give pointing game 1, mIoU ~1 and a large CNR."""
+    import ml_collections
+    from medvlp_jax import evaluators
+    from medvlp_jax.evaluators import grounding
+    from medvlp_jax.evaluators.segmentation import read_localized_split
+
+    config = evaluators.eval_config(syn_run, ml_collections.ConfigDict(dict(data=evaluators.default_data())))
+    split = read_localized_split(config, "test")
+    boxes = {(q.example, q.phrase): q.boxes for q in grounding.phrase_queries(split)}
+    by_image = {split.images[i].tobytes(): i for i in range(len(split))}
+
+    rng = np.random.default_rng(0)
+
+    def oracle(run, images, phrases, **kw):   # image-sized maps: the phrase's box, plus a little noise
+        out = []
+        for image, phrase in zip(images, phrases):
+            b = boxes[(by_image[np.asarray(image).tobytes()], phrase)]
+            out.append(grounding.box_masks(b, 32, 32).any(0) + 0.01 * rng.random((32, 32)))
+        return np.stack(out).astype(np.float32)
+
+    monkeypatch.setattr(grounding, "phrase_maps", oracle)
+    res = grounding.evaluate(syn_run, ml_collections.ConfigDict(dict(data=evaluators.default_data(),
+                                                                    num_heatmaps=0)))
+    assert res["pointing_game"] == 1.0 and res["miou"] > 0.8 and res["cnr"] > 1.0
