@@ -108,7 +108,9 @@ def test_evaluate_on_the_synthetic_run(syn_run):
     assert res["protocol/num_phrases"] == sum(res[f"protocol/num_phrases/{n}"] for n in synthetic._PHRASES)
     for name in [""] + [f"/{n}" for n in synthetic._PHRASES]:
         assert res[f"cnr{name}"] >= 0 and 0 <= res[f"pointing_game{name}"] <= 1 and 0 <= res[f"miou{name}"] <= 1
-    pngs = sorted(os.listdir(os.path.join(syn_run.workdir, "eval", "heatmaps")))
+    assert "protocol/heatmaps" in res, sorted(k for k in res if k.startswith("protocol/"))
+    out_dir = res["protocol/heatmaps"].split(" PNG in ", 1)[1]
+    pngs = sorted(os.listdir(out_dir))
     assert len(pngs) >= 2 and all(p.endswith(".png") for p in pngs)
 
 
