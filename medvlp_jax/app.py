@@ -1,6 +1,7 @@
-"""Process setup shared by the launchers: distributed init, TF off accelerators, one-line errors."""
+"""Process setup shared by the launchers: distributed init, logging on process 0 only, one-line errors."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Callable
@@ -10,23 +11,72 @@ def initialize_distributed() -> None:
     """jax.distributed from the environment, when this is one process of several.
 
     Explicit: MEDVLP_COORDINATOR=host:port, MEDVLP_NUM_PROCESSES, MEDVLP_PROCESS_ID (and optionally
-    MEDVLP_LOCAL_DEVICE_IDS). Cloud TPU VMs and SLURM jobs (SLURM_NTASKS > 1) are auto-detected by JAX.
+    MEDVLP_LOCAL_DEVICE_IDS=0,1,...). Auto-detected by JAX: SLURM jobs with SLURM_NTASKS > 1 (see
+    ``slurm_local_device_ids`` for one task per node), Cloud TPU VM slices with several workers
+    (TPU_WORKER_HOSTNAMES), or anything when MEDVLP_DISTRIBUTED=auto (launch/tpu_vm.sh sets it).
+    Several CPU processes (tests/test_multiprocess.py) need cross-process CPU collectives: jax 0.10 uses gloo
+    by default; older versions had none, so it is asked for explicitly when unset.
+
+    Afterwards only process 0 logs at INFO level (the others log warnings and errors), so a multi-host run
+    prints one copy of every progress line.
     """
     import jax
+    local = os.environ.get("MEDVLP_LOCAL_DEVICE_IDS")
+    local_ids = [int(x) for x in local.split(",")] if local else None
     if os.environ.get("MEDVLP_COORDINATOR"):
-        local = os.environ.get("MEDVLP_LOCAL_DEVICE_IDS")
+        if str(getattr(jax.config, "jax_cpu_collectives_implementation", "gloo")).lower() in ("none", ""):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=os.environ["MEDVLP_COORDINATOR"],
             num_processes=int(os.environ["MEDVLP_NUM_PROCESSES"]),
             process_id=int(os.environ["MEDVLP_PROCESS_ID"]),
-            local_device_ids=[int(x) for x in local.split(",")] if local else None)
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
-        jax.distributed.initialize()
+            local_device_ids=local_ids)
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        jax.distributed.initialize(local_device_ids=local_ids or slurm_local_device_ids(os.environ))
+    elif os.environ.get("MEDVLP_DISTRIBUTED") == "auto" or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+        jax.distributed.initialize(local_device_ids=local_ids)
+    if jax.process_count() > 1 and jax.process_index() != 0:
+        quiet_non_main_process()
+
+
+def slurm_local_device_ids(env) -> list[int] | None:
+    """The GPUs one SLURM task drives: all of its node's GPUs when there is one task per node, else None.
+
+    JAX's SLURM detection gives each process only the GPU numbered by its SLURM_LOCALID (right for one task
+    per GPU); with one task per node that would leave all GPUs but one idle. The node's GPU count comes from
+    SLURM_GPUS_ON_NODE or CUDA_VISIBLE_DEVICES.
+    """
+    per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_STEP_TASKS_PER_NODE") or ""
+    per_node = per_node.split("(")[0].split(",")[0]          # "1(x2)" -> "1"
+    if per_node != "1":
+        return None
+    if env.get("SLURM_GPUS_ON_NODE", "").isdigit():
+        n = int(env["SLURM_GPUS_ON_NODE"])
+    elif env.get("CUDA_VISIBLE_DEVICES"):
+        n = len([d for d in env["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()])
+    else:
+        return None
+    return list(range(n)) if n > 0 else None
+
+
+def quiet_non_main_process() -> None:
+    """Warnings and errors only, on a process other than 0 (its metrics writer and progress bar are off too)."""
+    logging.getLogger("medvlp_jax").setLevel(logging.WARNING)
+    try:
+        from absl import logging as absl_logging
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    except ImportError:
+        pass
 
 
 def run_main(fn: Callable[[], object]) -> None:
-    """Runs a launcher body; configuration and input errors end with one clear line and exit code 2."""
+    """Runs a launcher body; configuration and input errors end with one clear line and exit code 2.
+
+    Non-finite training in ``config.train.nonfinite="stop"`` mode exits with 3; a preemption (SIGTERM, after
+    the checkpoint) with 0 after printing "preempted: ..." (launch/slurm.sbatch requeues on that line).
+    """
     from medvlp_jax.config_lib import ConfigError
+    from medvlp_jax.data.pipeline import BadRecordError
     from medvlp_jax.train.loop import Preempted
     try:
         initialize_distributed()
@@ -37,6 +87,12 @@ def run_main(fn: Callable[[], object]) -> None:
     except (FileNotFoundError, KeyError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         sys.exit(2)
+    except BadRecordError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as e:          # config.train.nonfinite="stop"
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
     except Preempted as e:
         print(f"preempted: checkpoint saved at step {e.args[0]}; rerun the same command to resume", file=sys.stderr)
         sys.exit(0)

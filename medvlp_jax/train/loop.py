@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from typing import Any
 
@@ -15,7 +14,7 @@ from medvlp_jax.data import pipeline, prepare, schema, tokenizer as tokenizer_li
 from medvlp_jax.logging_lib import log
 from medvlp_jax.methods import make_objective
 from medvlp_jax.models.dual_encoder import build_model
-from medvlp_jax.train import checkpoint as ckpt_lib, optim, state as state_lib, step as step_lib
+from medvlp_jax.train import checkpoint as ckpt_lib, faults, optim, state as state_lib, step as step_lib
 
 
 class Preempted(Exception):
@@ -125,15 +124,8 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None) -> dict[st
         s["shardings"], sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh))
 
     writer = logging_lib.MetricWriter(workdir, enabled=is_main)
-    preempted = {"flag": False}
-    old_handler = signal.getsignal(signal.SIGTERM)
-
-    def on_sigterm(signum, frame):
-        preempted["flag"] = True
-    try:
-        signal.signal(signal.SIGTERM, on_sigterm)
-    except ValueError:   # not the main thread (e.g. a notebook worker): preemption is not handled there
-        pass
+    preemption = faults.PreemptionWatch()      # SIGTERM -> save + exit at a step all processes agree on
+    nonfinite = faults.NonfiniteMonitor(config.train.nonfinite, split=config.data.train_split)
 
     def position(step):
         return {"step": int(step), "seed": int(config.seed), "examples_seen": int(step) * config.train.batch_size}
@@ -152,25 +144,24 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None) -> dict[st
                 log.info("compiled the train step in %.1fs", time.time() - t0)
                 train_step = compiled
             state, metrics = train_step(state, batch)
+            nonfinite.record(step, metrics, batch)
             bar.update(1)
             steps_since_log += 1
             if step % config.train.log_every_steps == 0 or step == total:
+                nonfinite.check(step)           # "stop": raises naming every non-finite step since the last log
                 m = jax.device_get(metrics)
-                if config.train.nonfinite == "stop" and float(m["train/finite"]) < 1:
-                    raise FloatingPointError(
-                        f"non-finite loss or gradient at step {step}; batch record indices "
-                        f"{np.asarray(jax.device_get(batch['index'])).tolist()} of split "
-                        f"{config.data.train_split!r} (config.train.nonfinite='stop')")
                 dt = time.time() - t_log
                 rates = {"perf/steps_per_s": steps_since_log / dt,
                          "perf/images_per_s": steps_since_log * config.train.batch_size / dt,
                          "train/nonfinite_steps": int(jax.device_get(state.nonfinite_steps))}
+                if config.data.get("skip_bad_records", False):   # summed over hosts; a few batches ahead
+                    rates["data/skipped_records"] = pipeline.global_count(host_iter.num_skipped)
                 last_metrics = {k: float(v) for k, v in m.items()} | rates
                 writer.write_scalars(step, last_metrics)
                 bar.set_postfix(loss=f"{last_metrics['train/loss']:.3f}")
                 t_log, steps_since_log = time.time(), 0
             ckpt.save(step, state, position(step))
-            if preempted["flag"]:
+            if preemption.reached(step):
                 ckpt.save(step, state, position(step), force=True)
                 ckpt.wait()
                 log.info("SIGTERM: saved a checkpoint at step %d; exiting", step)
@@ -185,10 +176,7 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None) -> dict[st
         batches.close()
         writer.close()
         ckpt.close()
-        try:
-            signal.signal(signal.SIGTERM, old_handler)
-        except ValueError:
-            pass
+        preemption.close()
 
     results: dict[str, Any] = {"train": last_metrics, "steps": step}
     if config.train.get("eval_at_end", True):

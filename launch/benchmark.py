@@ -1,0 +1,86 @@
+"""Benchmark the compiled train step (and the input pipeline) of a config.
+
+  python launch/benchmark.py --config=configs/convirt.py:demo
+  python launch/benchmark.py --config=configs/convirt.py --config.train.batch_size=8 --steps=5 --warmup=2
+  python launch/benchmark.py --config=configs/convirt.py:demo --data_root=data/demo_iu --out=bench.json
+  python launch/benchmark.py --config=configs/convirt.py:test --scale=batch_size:8,16 --scale=text_len:8
+
+Reports compile time, median step time after warm-up, images/s, XLA-counted FLOPs per step, MFU against the
+device peak (CPU: a measured matmul rate), peak device memory, a scaling table (one of batch size / text
+length / image size varied at a time; --scale=none to skip) and, with --data_root (or a config whose
+data.root is prepared), the input pipeline's examples/s on its own. The step runs on synthetic in-memory
+batches, so no data is needed. Prints Markdown and writes JSON (--out). See medvlp_jax/benchmark_lib.py.
+"""
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<method>.py[:variant]", lock_config=False)
+_STEPS = flags.DEFINE_integer("steps", 10, "timed steps (median reported)")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "untimed steps after compilation")
+_SCALE = flags.DEFINE_multi_string("scale", None, "axis:v1,v2 with axis in batch_size|text_len|image_size; "
+                                   "'none' for no scaling table (default: half/double batch, half text, "
+                                   "smaller image)")
+_SCALE_STEPS = flags.DEFINE_integer("scale_steps", 3, "timed steps per scaling row")
+_DATA_ROOT = flags.DEFINE_string("data_root", None, "prepared data root for the input-pipeline measurement "
+                                 "(default: config.data.root when it is prepared)")
+_PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 20, "batches timed in the pipeline measurement")
+_OUT = flags.DEFINE_string("out", None, "JSON output path (default runs/benchmarks/<method>_<variant>_<platform>.json)")
+_MARKDOWN = flags.DEFINE_string("markdown", None, "also write the Markdown table to this file")
+flags.mark_flags_as_required(["config"])
+
+AXES = ("batch_size", "text_len", "image_size")
+
+
+def parse_scale(values, config, num_devices):
+    from medvlp_jax import benchmark_lib
+    if not values:
+        return benchmark_lib.default_scaling(config, num_devices)
+    if values == ["none"]:
+        return {}
+    out = {}
+    for v in values:
+        axis, _, nums = v.partition(":")
+        if axis not in AXES or not nums:
+            raise ValueError(f"--scale={v!r}: use axis:v1,v2 with axis one of {AXES}")
+        out[axis] = [int(x) for x in nums.split(",")]
+    return out
+
+
+def main(argv):
+    del argv
+    import jax
+    from medvlp_jax import app as app_lib, benchmark_lib
+    app_lib.initialize_distributed()
+    config = _CONFIG.value
+    devices = jax.devices()
+    data_root = _DATA_ROOT.value
+    if data_root is None and config.data.root and os.path.exists(os.path.join(config.data.root, "dataset_info.json")):
+        data_root = config.data.root
+    result = benchmark_lib.run(config, steps=_STEPS.value, warmup=_WARMUP.value,
+                               scaling=parse_scale(_SCALE.value, config, len(devices)),
+                               scaling_steps=_SCALE_STEPS.value, data_root=data_root,
+                               pipeline_batches=_PIPELINE_BATCHES.value, devices=devices)
+    result["config"] = {"method": config.method.name, "variant": config.get("variant", ""),
+                        "argv": sys.argv[1:]}
+    title = (f"{config.method.name}:{config.get('variant', '')} — image {config.model.image.name} "
+             f"{config.data.crop}px, text {config.model.text.depth} layers x {config.data.max_text_len} tokens, "
+             f"{config.model.dtype}")
+    md = benchmark_lib.markdown(result, title)
+    print(md)
+    out = _OUT.value or os.path.join("runs", "benchmarks",
+                                     f"{config.method.name}_{config.get('variant', '')}_{devices[0].platform}.json")
+    benchmark_lib.write_json(result, out)
+    if _MARKDOWN.value:
+        with open(_MARKDOWN.value, "w") as f:
+            f.write(md)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)

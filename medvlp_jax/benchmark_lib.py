@@ -1,0 +1,370 @@
+"""Measures the compiled train step and the input pipeline: time, throughput, FLOPs, MFU, memory.
+
+    rows = benchmark_lib.run(config, steps=10, warmup=3, data_root=None, scaling={"batch_size": [8, 16]})
+
+What one row holds (``StepResult``):
+  lower_s / compile_s   tracing+lowering and XLA compilation of the jitted step (``jit.lower(...).compile()``).
+  step_s                median wall time of ``steps`` calls after ``warmup`` calls, each ended by
+                        ``block_until_ready`` on the metrics (the state is donated and fed back, as in the loop).
+  images_per_s          global batch / step_s.
+  flops_per_step        XLA's cost analysis of the compiled step (``compiled.cost_analysis()["flops"]``). For an
+                        SPMD program XLA reports one partition, so this is per-device flops x devices: it counts
+                        what the hardware executes, including work that replicated parameters repeat on every
+                        device (the optimizer update), so it is slightly above the "model FLOPs" of papers.
+  mfu                   achieved flops/s / peak flops/s of all devices (``peak_flops``: a table of bf16 dense
+                        peaks for TPU v4/v5e/v5p/v6e and A100/H100/H200; on CPU the rate of a large float32
+                        matmul on this host, because fake CPU devices share the same cores, measured right
+                        after each row's timed steps so that both see the same load from other programs).
+  peak_memory_bytes     per device: ``device.memory_stats()["peak_bytes_in_use"]`` where the backend has it
+                        (GPU, TPU), else XLA's compile-time estimate arguments + outputs + temporaries - aliased
+                        (``compiled.memory_analysis()``); ``memory_source`` says which.
+
+The step runs on synthetic in-memory batches (random images and token ids with the pipeline's keys and
+shapes), so no data is needed; ``pipeline_throughput`` measures the real tf.data pipeline on a prepared data
+root on its own (host batches including tokenisation, no device work).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+
+# Dense bf16 peak FLOP/s per chip (vendor data sheets). TPU device_kind strings: "TPU v4", "TPU v5 lite" (v5e),
+# "TPU v5p" / "TPU v5", "TPU v6 lite" (v6e). GPU kinds contain the product name ("NVIDIA H100 80GB HBM3").
+PEAK_BF16_FLOPS: list[tuple[str, str, float]] = [
+    (r"v5 ?lite|v5e", "TPU v5e", 197e12),
+    (r"v5p|TPU v5$", "TPU v5p", 459e12),
+    (r"v6 ?lite|v6e", "TPU v6e", 918e12),
+    (r"TPU v4", "TPU v4", 275e12),
+    (r"H200", "H200", 989e12),
+    (r"H100.*PCIe", "H100 PCIe", 756e12),
+    (r"H100", "H100 SXM", 989e12),
+    (r"A100", "A100", 312e12),
+]
+
+
+@dataclasses.dataclass
+class StepResult:
+    """One benchmarked configuration of the train step (see module docstring for each field)."""
+    label: str
+    batch_size: int
+    text_len: int
+    image_size: int
+    num_devices: int
+    lower_s: float
+    compile_s: float
+    step_s: float
+    step_s_all: list[float]
+    images_per_s: float
+    flops_per_step: Optional[float]
+    achieved_flops_per_s: Optional[float]
+    mfu: Optional[float]
+    peak_memory_bytes: Optional[float]
+    memory_source: str
+    peak_flops_per_s: Optional[float] = None
+    load_average_1m: Optional[float] = None     # of the host, after the row (other programs skew CPU timings)
+
+
+def peak_flops(device: jax.Device, *, cpu_matmul_size: int = 2048) -> tuple[float, str]:
+    """Peak FLOP/s of one device (accelerators: table; CPU: measured matmul rate of the whole host).
+
+    Returns:
+      (flop/s, a description of where the number comes from).
+    """
+    if device.platform == "cpu":
+        return measure_cpu_matmul_flops(cpu_matmul_size), f"measured f32 matmul {cpu_matmul_size}^3 on this host"
+    kind = device.device_kind
+    for pattern, name, flops in PEAK_BF16_FLOPS:
+        if re.search(pattern, kind):
+            return flops, f"{name} bf16 dense peak"
+    return float("nan"), f"unknown device kind {kind!r} (no peak in the table)"
+
+
+def measure_cpu_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of an [n, n] @ [n, n] float32 matmul on the first device (median of ``repeats``)."""
+    dev = jax.devices()[0]
+    a = jax.device_put(np.random.default_rng(0).standard_normal((n, n), np.float32), dev)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2.0 * n ** 3 / statistics.median(times)
+
+
+def synthetic_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A host batch with the pipeline's keys and shapes: random images, reports filling ~3/4 of the text length.
+
+    Returns:
+      image [b, crop, crop, channels] float32, input_ids / attention_mask / word_ids [b, max_text_len] int32,
+      labels [b, 1] float32, index [b] int32, valid [b] bool.
+    """
+    rng = np.random.default_rng(seed)
+    c, t, ch = config.data.crop, config.data.max_text_len, config.data.channels
+    vocab = config.model.text.vocab_size
+    ids = np.zeros((batch_size, t), np.int32)
+    mask = np.zeros((batch_size, t), np.int32)
+    word_ids = np.full((batch_size, t), -1, np.int32)
+    for i in range(batch_size):
+        n = max(1, min(t - 2, int(rng.integers(t // 2, t - 1))))
+        ids[i, 0], ids[i, 1:n + 1], ids[i, n + 1] = 2, rng.integers(5, vocab, n), 3
+        mask[i, :n + 2] = 1
+        word_ids[i, :n + 2] = np.arange(n + 2)
+    return {"image": rng.standard_normal((batch_size, c, c, ch)).astype(np.float32), "input_ids": ids,
+            "attention_mask": mask, "word_ids": word_ids, "labels": np.zeros((batch_size, 1), np.float32),
+            "index": np.arange(batch_size, dtype=np.int32), "valid": np.ones((batch_size,), bool)}
+
+
+def with_shape(config, *, batch_size: Optional[int] = None, text_len: Optional[int] = None,
+               image_size: Optional[int] = None):
+    """A copy of ``config`` with the global batch, text length or image (crop) size changed consistently."""
+    c = config.copy_and_resolve_references()
+    if batch_size is not None:
+        c.train.batch_size = int(batch_size)
+    if text_len is not None:
+        c.data.max_text_len = int(text_len)
+        if c.model.text.get("max_position", 0) < text_len:
+            c.model.text.max_position = int(text_len)
+    if image_size is not None:
+        c.data.crop = int(image_size)
+        c.data.resize = max(int(c.data.resize), int(image_size))
+        c.model.image.image_size = int(image_size)
+    return c
+
+
+def _check(config, num_devices: int) -> None:
+    bs, accum = config.train.batch_size, config.optim.grad_accum_steps
+    if bs % num_devices or (bs // accum) % num_devices:
+        raise ValueError(f"batch size {bs} (grad_accum_steps {accum}) does not split over {num_devices} devices")
+    patch = config.model.image.get("patch_size")
+    if config.model.image.name == "vit" and config.data.crop % patch:
+        raise ValueError(f"image size {config.data.crop} is not a multiple of the patch size {patch}")
+
+
+def build_step(config, devices: Sequence[jax.Device]):
+    """The train state (initialised on the mesh) and the jitted train step, exactly as the loop builds them.
+
+    Returns:
+      (state, jitted step, mesh).
+    """
+    from medvlp_jax import sharding as sharding_lib
+    from medvlp_jax.methods import make_objective
+    from medvlp_jax.models.dual_encoder import build_model
+    from medvlp_jax.train import optim, state as state_lib, step as step_lib
+    mesh = sharding_lib.make_mesh(config.mesh, devices)
+    model = build_model(config.model)
+    objective = make_objective(config.method, steps_per_epoch=1000)
+    tx, schedule = optim.make_optimizer(config.optim, 10_000)
+    init = state_lib.make_init_fn(config, model, objective, tx, init_batch_size=mesh.size)
+    rng = jax.random.PRNGKey(config.seed)
+    shardings = state_lib.state_shardings(config, jax.eval_shape(init, rng), mesh)
+    state = jax.jit(init, out_shardings=shardings)(rng)
+    step = step_lib.jit_train_step(
+        step_lib.make_train_step(model, objective, tx, schedule, grad_accum_steps=config.optim.grad_accum_steps),
+        shardings, sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh))
+    return state, step, mesh
+
+
+def _cost_flops(compiled) -> Optional[float]:
+    try:
+        ca = compiled.cost_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    if isinstance(ca, (list, tuple)):          # older jax: one dict per program
+        ca = ca[0] if ca else {}
+    flops = (ca or {}).get("flops")
+    return float(flops) if flops is not None and flops >= 0 else None
+
+
+def _memory(compiled, devices) -> tuple[Optional[float], str]:
+    stats = [d.memory_stats() for d in devices]
+    if all(s and "peak_bytes_in_use" in s for s in stats):
+        return float(max(s["peak_bytes_in_use"] for s in stats)), "device.memory_stats peak_bytes_in_use"
+    try:
+        m = compiled.memory_analysis()
+    except Exception:
+        return None, "unavailable"
+    if m is None:
+        return None, "unavailable"
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    return float(total), "compiled.memory_analysis (args + outputs + temps - aliased)"
+
+
+def time_step(config, *, devices: Optional[Sequence[jax.Device]] = None, steps: int = 10, warmup: int = 3,
+              peak: Optional[float] = None, label: str = "") -> StepResult:
+    """Compiles and times the train step of ``config`` on synthetic batches (see module docstring)."""
+    from medvlp_jax import sharding as sharding_lib
+    devices = list(devices if devices is not None else jax.devices())
+    _check(config, len(devices))
+    state, step, mesh = build_step(config, devices)
+    batch = sharding_lib.to_global(synthetic_batch(config, config.train.batch_size), mesh)
+    t0 = time.perf_counter()
+    lowered = step.lower(state, batch)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    step_s = statistics.median(times)
+    per_device = _cost_flops(compiled)
+    flops = per_device * len(devices) if per_device is not None else None
+    achieved = flops / step_s if flops is not None else None
+    if peak is None:                            # CPU: measured now, under the load the steps just saw
+        peak, _ = peak_flops(devices[0])
+        if devices[0].platform != "cpu":
+            peak *= len(devices)
+    mfu = achieved / peak if achieved is not None and peak and np.isfinite(peak) else None
+    mem, source = _memory(compiled, devices)
+    del state
+    return StepResult(label=label, batch_size=int(config.train.batch_size), text_len=int(config.data.max_text_len),
+                      image_size=int(config.data.crop), num_devices=len(devices), lower_s=t1 - t0,
+                      compile_s=t2 - t1, step_s=step_s, step_s_all=times,
+                      images_per_s=config.train.batch_size / step_s, flops_per_step=flops,
+                      achieved_flops_per_s=achieved, mfu=mfu, peak_memory_bytes=mem, memory_source=source,
+                      peak_flops_per_s=peak, load_average_1m=os.getloadavg()[0])
+
+
+def pipeline_throughput(config, *, batches: int = 20, warmup: int = 3) -> dict[str, float]:
+    """Examples/s of the tf.data training pipeline alone (decode, augment, batch, tokenise) on this host."""
+    from medvlp_jax.data import pipeline, tokenizer as tokenizer_lib
+    tok = tokenizer_lib.load_tokenizer(config.data.tokenizer_dir)
+    it = pipeline.make_train_iter(config, tok, start_step=0)
+    for _ in range(warmup):
+        next(it)
+    t = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    dt = time.perf_counter() - t
+    return {"examples_per_s": batches * config.train.batch_size / dt, "batches": batches,
+            "batch_size": int(config.train.batch_size), "seconds": dt}
+
+
+def default_scaling(config, num_devices: int) -> dict[str, list[int]]:
+    """Half and double the batch, half the text length, a smaller image: one axis at a time."""
+    b, t, c = config.train.batch_size, config.data.max_text_len, config.data.crop
+    patch = config.model.image.get("patch_size") or 8
+    smaller = max(patch, (c // 2 + patch - 1) // patch * patch)
+    batches = sorted({x for x in (b // 2, b, 2 * b) if x >= num_devices and x % num_devices == 0})
+    return {"batch_size": batches, "text_len": sorted({max(8, t // 2), t}), "image_size": sorted({smaller, c})}
+
+
+def run(config, *, steps: int = 10, warmup: int = 3, scaling: Optional[dict[str, list[int]]] = None,
+        scaling_steps: int = 3, data_root: Optional[str] = None, pipeline_batches: int = 20,
+        devices: Optional[Sequence[jax.Device]] = None, log=print) -> dict[str, Any]:
+    """The whole benchmark: base step, scaling rows (one axis varied at a time), input pipeline.
+
+    Returns:
+      a JSON-serialisable dict: environment, peak, base row, scaling rows, pipeline throughput (or None).
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    load_start = os.getloadavg()[0]              # other work on the host skews CPU timings: recorded with them
+    peak_one, peak_source = peak_flops(devices[0])
+    on_cpu = devices[0].platform == "cpu"
+    peak_all = peak_one if on_cpu else peak_one * len(devices)
+    if on_cpu:
+        peak_source += ", re-measured after each row's steps"
+    log(f"peak: {peak_all / 1e12:.3f} TFLOP/s ({peak_source}; {len(devices)} x {devices[0].device_kind})")
+    row_peak = None if on_cpu else peak_all
+    base = time_step(config, devices=devices, steps=steps, warmup=warmup, peak=row_peak, label="base")
+    log(format_row(base))
+    rows = []
+    for axis, values in (scaling or {}).items():
+        for v in values:
+            if axis == "batch_size" and v == base.batch_size or axis == "text_len" and v == base.text_len or \
+                    axis == "image_size" and v == base.image_size:
+                continue
+            cfg = with_shape(config, **{axis: v})
+            try:
+                r = time_step(cfg, devices=devices, steps=scaling_steps, warmup=1, peak=row_peak,
+                              label=f"{axis}={v}")
+            except Exception as e:  # e.g. out of memory at the largest size: report, keep going
+                log(f"{axis}={v}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                continue
+            log(format_row(r))
+            rows.append(r)
+    pipe = None
+    if data_root:
+        cfg = config.copy_and_resolve_references()
+        cfg.data.root = data_root
+        if not os.path.isdir(cfg.data.tokenizer_dir) and os.path.isdir(os.path.join(data_root, "tokenizer")):
+            cfg.data.tokenizer_dir = os.path.join(data_root, "tokenizer")
+        pipe = pipeline_throughput(cfg, batches=pipeline_batches)
+        log(f"input pipeline: {pipe['examples_per_s']:.1f} examples/s (batch {pipe['batch_size']})")
+    return {
+        "environment": dict(environment(devices), load_average_start=load_start),
+        "peak_flops_per_s": peak_all, "peak_source": peak_source,
+        "model": {"image": dict(config.model.image), "text": dict(config.model.text), "dtype": config.model.dtype,
+                  "remat": bool(config.model.get("remat", False)), "method": config.method.name},
+        "base": dataclasses.asdict(base), "scaling": [dataclasses.asdict(r) for r in rows], "pipeline": pipe,
+    }
+
+
+def environment(devices: Sequence[jax.Device]) -> dict[str, Any]:
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "jax": jax.__version__,
+            "platform": devices[0].platform, "device_kind": devices[0].device_kind, "num_devices": len(devices),
+            "host": platform.machine(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "host_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "load_average_1m": os.getloadavg()[0]}
+
+
+def _fmt(x: Optional[float], scale: float = 1.0, digits: int = 3) -> str:
+    if x is None or not np.isfinite(x):
+        return "n/a"
+    return f"{x / scale:.{digits}g}"
+
+
+def format_row(r: StepResult) -> str:
+    return (f"{r.label}: batch {r.batch_size} text {r.text_len} image {r.image_size}: compile {r.compile_s:.1f}s, "
+            f"step {r.step_s * 1e3:.1f} ms, {r.images_per_s:.1f} img/s, {_fmt(r.flops_per_step, 1e9)} GFLOP/step, "
+            f"MFU {_fmt(r.mfu and 100 * r.mfu)}% of {_fmt(r.peak_flops_per_s, 1e12)} TFLOP/s, "
+            f"memory {_fmt(r.peak_memory_bytes, 2 ** 20)} MiB")
+
+
+def markdown(result: dict[str, Any], title: str = "") -> str:
+    """The benchmark as Markdown: one table of step rows, then the pipeline line and the environment."""
+    env = result["environment"]
+    head = ("| run | batch | text len | image | compile s | step ms (median) | images/s | GFLOP/step | "
+            "TFLOP/s | peak TFLOP/s | MFU % | peak mem/device MiB | host load |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [f"### {title}" if title else "", "", head]
+    for r in [result["base"]] + result["scaling"]:
+        lines.append(f"| {r['label']} | {r['batch_size']} | {r['text_len']} | {r['image_size']} | "
+                     f"{r['compile_s']:.1f} | {r['step_s'] * 1e3:.1f} | {r['images_per_s']:.2f} | "
+                     f"{_fmt(r['flops_per_step'], 1e9, 4)} | {_fmt(r['achieved_flops_per_s'], 1e12)} | "
+                     f"{_fmt(r.get('peak_flops_per_s'), 1e12)} | "
+                     f"{_fmt(r['mfu'] and 100 * r['mfu'])} | {_fmt(r['peak_memory_bytes'], 2 ** 20, 4)} | "
+                     f"{_fmt(r.get('load_average_1m'), 1, 2)} |")
+    lines.append("")
+    if result.get("pipeline"):
+        p = result["pipeline"]
+        lines.append(f"Input pipeline alone: **{p['examples_per_s']:.0f} examples/s** "
+                     f"(batch {p['batch_size']}, {p['batches']} batches).")
+    load = f"load average {env.get('load_average_start', float('nan')):.1f} at the start, " \
+           f"{env['load_average_1m']:.1f} at the end"
+    lines.append(f"Peak for MFU: {result['peak_source']}. "
+                 f"Memory: {result['base']['memory_source']}. Devices: {env['num_devices']} x {env['device_kind']} "
+                 f"({env['platform']}), jax {env['jax']}, {env['cpu_count']} CPUs ({load}), {env['date']}.")
+    return "\n".join(lines) + "\n"
+
+
+def write_json(result: dict[str, Any], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=float)

@@ -1,0 +1,68 @@
+"""launch/benchmark.py and benchmark_lib: FLOP counting, the peak table, and a smoke run (no timing asserts)."""
+import json
+import os
+import subprocess
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from medvlp_jax import benchmark_lib, sharding as sharding_lib
+from medvlp_jax.data.sources import synthetic
+from tests import helpers
+
+
+def test_cost_analysis_is_per_device_and_counts_matmul_flops():
+    m, k, n = 64, 96, 40
+    x, w = jnp.ones((m, k)), jnp.ones((k, n))
+    one = jax.jit(lambda a, b: a @ b).lower(x, w).compile()
+    assert benchmark_lib._cost_flops(one) == pytest.approx(2 * m * k * n, rel=0.01)
+    mesh = sharding_lib.make_mesh({"data": 8, "fsdp": 1}, jax.devices()[:8])
+    sharded = jax.jit(lambda a, b: a @ b, in_shardings=(NamedSharding(mesh, P("data")), NamedSharding(mesh, P()))
+                      ).lower(x, w).compile()
+    # XLA reports one partition of an SPMD program: time_step multiplies by the device count.
+    assert benchmark_lib._cost_flops(sharded) * 8 == pytest.approx(2 * m * k * n, rel=0.01)
+
+
+@pytest.mark.parametrize("kind,peak", [("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5p", 459e12),
+                                       ("TPU v6 lite", 918e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                       ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                       ("NVIDIA H200", 989e12)])
+def test_peak_table(kind, peak):
+    dev = types.SimpleNamespace(platform="gpu" if "NVIDIA" in kind else "tpu", device_kind=kind)
+    assert benchmark_lib.peak_flops(dev)[0] == peak
+    assert np.isnan(benchmark_lib.peak_flops(types.SimpleNamespace(platform="gpu", device_kind="Mystery"))[0])
+
+
+def test_with_shape_changes_the_step_shapes_consistently():
+    c = helpers.load_config("convirt")
+    d = benchmark_lib.with_shape(c, batch_size=16, text_len=24, image_size=48)
+    b = benchmark_lib.synthetic_batch(d, d.train.batch_size)
+    assert b["image"].shape == (16, 48, 48, d.data.channels) and b["input_ids"].shape == (16, 24)
+    assert d.model.image.image_size == 48 and d.data.resize >= 48 and c.train.batch_size == 8
+
+
+def test_benchmark_cli_smoke(tmp_path):
+    root = str(tmp_path / "data")
+    synthetic.prepare_synthetic(root, num_train=32, num_test=8, num_shards=2)
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, os.path.join(helpers.ROOT, "launch", "benchmark.py"),
+           f"--config={os.path.join(helpers.ROOT, 'configs', 'convirt.py')}:test", "--steps=2", "--warmup=1",
+           "--scale=batch_size:16", "--scale_steps=1", f"--data_root={root}", "--pipeline_batches=3",
+           f"--out={out}", f"--markdown={tmp_path / 'bench.md'}"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    base, (row,) = r["base"], r["scaling"]
+    assert base["num_devices"] == 2 and base["batch_size"] == 8 and row["batch_size"] == 16
+    assert len(base["step_s_all"]) == 2 and base["images_per_s"] == pytest.approx(8 / base["step_s"])
+    # Twice the batch: close to twice the FLOPs (the optimizer update does not grow with the batch).
+    assert 1.5 < row["flops_per_step"] / base["flops_per_step"] < 2.05
+    assert base["peak_memory_bytes"] > 0 and 0 < base["mfu"]
+    assert r["pipeline"]["examples_per_s"] > 0 and r["environment"]["platform"] == "cpu"
+    assert "| base | 8 | 16 | 32 |" in (tmp_path / "bench.md").read_text() and "| base |" in proc.stdout

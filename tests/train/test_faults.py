@@ -1,0 +1,203 @@
+"""Faults: SIGTERM saves and exits cleanly, half-written checkpoints are ignored, non-finite steps skip or stop."""
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medvlp_jax import config_lib
+from medvlp_jax.data import pipeline, tokenizer as tokenizer_lib
+from medvlp_jax.data.sources import synthetic
+from medvlp_jax.methods import OBJECTIVES
+from medvlp_jax.train import checkpoint as ckpt_lib
+from medvlp_jax.train.state import TrainState
+from tests import helpers
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("syn"))
+    synthetic.prepare_synthetic(root, num_train=24, num_test=8, num_shards=2)
+    return root
+
+
+# ------------------------------------------------------------------------------------------------------------
+# SIGTERM (subprocess): checkpoint at the current step, exit 0; the rerun resumes there, past half-written saves.
+
+def _launch(workdir, root, total):
+    return [sys.executable, os.path.join(helpers.ROOT, "launch", "pretrain.py"),
+            f"--config={os.path.join(helpers.ROOT, 'configs', 'convirt.py')}:test", f"--workdir={workdir}",
+            f"--config.data.root={root}", f"--config.data.tokenizer_dir={root}/tokenizer",
+            f"--config.train.total_steps={total}", "--config.train.ckpt_every_steps=1000",
+            "--config.train.log_every_steps=50", "--config.train.eval_at_end=False"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """2 fake devices, fewer XLA optimisations, and a persistent compilation cache shared by the runs (the
+    rerun then compiles nothing)."""
+    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+                JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "jax_cache"),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_past_half_written_ones(tmp_path, data_root, env):
+    work, total = tmp_path / "run", 200
+    proc = subprocess.Popen(_launch(work, data_root, total), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    compiled = threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if "compiled the train step" in line:
+                compiled.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert compiled.wait(timeout=300), "".join(lines)[-3000:]
+    proc.send_signal(signal.SIGTERM)            # the handler is installed before compiling: the loop is running
+    assert proc.wait(timeout=120) == 0, "".join(lines)[-3000:]
+    reader.join(timeout=10)
+    err = "".join(lines)
+    steps = sorted(int(d) for d in os.listdir(work / "checkpoints") if d.isdigit())
+    assert len(steps) == 1 and 1 <= steps[0] < total, (steps, err[-2000:])
+    k = steps[0]
+    assert f"preempted: checkpoint saved at step {k}" in err
+    assert (work / "checkpoints" / str(k) / ckpt_lib.COMMIT_FILE).exists()
+    position = json.loads((work / "checkpoints" / str(k) / "data" / "metadata").read_text())
+    assert position == {"step": k, "seed": 0, "examples_seen": k * 8}
+
+    # Two kinds of half-written checkpoint after k: a step directory without its commit marker (an interrupted
+    # copy / non-atomic file system) and orbax's temporary directory (a kill during an async save).
+    ck = work / "checkpoints"
+    shutil.copytree(ck / str(k), ck / str(k + 1))
+    os.remove(ck / str(k + 1) / ckpt_lib.COMMIT_FILE)
+    shutil.copytree(ck / str(k + 1), ck / f"{k + 2}.orbax-checkpoint-tmp-1234")
+    rerun = subprocess.run(_launch(work, data_root, total), env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed from {ck} at step {k}" in rerun.stderr
+    assert "ignoring half-written checkpoint" in rerun.stderr and f"using step {k}" in rerun.stderr
+    assert "ignoring interrupted checkpoint save" in rerun.stderr
+    final = sorted(int(d) for d in os.listdir(ck) if d.isdigit())
+    assert final[-1] == total and glob.glob(str(ck / f"{k + 1}.incomplete-*"))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Half-written checkpoints (in process): ignored with a log line, the previous step is restored, saving goes on.
+
+def _tiny_state(step: int, value: float) -> TrainState:
+    return TrainState(step=jnp.asarray(step, jnp.int32), params={"encoders": {"w": jnp.full((4, 3), value)},
+                                                                 "method": {}},
+                      model_state={}, opt_state={"mu": jnp.zeros((4, 3))}, rng=jax.random.PRNGKey(0),
+                      ema_params=None, nonfinite_steps=jnp.zeros((), jnp.int32))
+
+
+def test_half_written_checkpoints_are_ignored_and_the_previous_one_is_used(tmp_path, caplog):
+    ck = ckpt_lib.Checkpointer(str(tmp_path), every_steps=2, keep=5)
+    for step in (2, 4):
+        ck.save(step, _tiny_state(step, float(step)), {"step": step, "seed": 0, "examples_seen": 8 * step})
+    ck.close()
+    d = tmp_path / "checkpoints"
+    shutil.copytree(d / "4", d / "6")                       # no commit marker: must not count as step 6
+    os.remove(d / "6" / ckpt_lib.COMMIT_FILE)
+    shutil.copytree(d / "6", d / "8.orbax-checkpoint-tmp-99")
+    with caplog.at_level("WARNING", logger="medvlp_jax"):
+        ck = ckpt_lib.Checkpointer(str(tmp_path), every_steps=2, keep=5)
+    assert ck.latest_step() == 4
+    msgs = " | ".join(caplog.messages)
+    assert "ignoring half-written checkpoint" in msgs and "using step 4" in msgs
+    assert "ignoring interrupted checkpoint save" in msgs and "8.orbax-checkpoint-tmp-99" in msgs
+    abstract = jax.eval_shape(lambda: _tiny_state(0, 0.0))
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    state, pos = ck.restore(4, abstract, jax.tree.map(lambda _: one, abstract))
+    assert int(state.step) == 4 and float(state.params["encoders"]["w"][0, 0]) == 4.0 and pos["step"] == 4
+    assert ck.save(6, _tiny_state(6, 6.0), {"step": 6, "seed": 0, "examples_seen": 48})   # step 6 is free again
+    ck.close()
+    assert ckpt_lib.Checkpointer(str(tmp_path), every_steps=2, keep=5).latest_step() == 6
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Non-finite steps end to end (loop.run in process): an objective that returns NaN for batches holding one
+# poisoned record. "stop" names the step and the record indices even between log steps; "skip" counts.
+
+POISON = 5
+
+
+@OBJECTIVES.register("convirt_nan_on_record") if "convirt_nan_on_record" not in OBJECTIVES else (lambda f: f)
+def _nan_on_record(cfg, *, steps_per_epoch):
+    base = OBJECTIVES.get("convirt")(cfg, steps_per_epoch=steps_per_epoch)
+
+    def loss(params, out, batch, step, *, rng, teacher_out):
+        value, metrics = base.loss(params, out, batch, step, rng=rng, teacher_out=teacher_out)
+        return jnp.where(jnp.any(batch["index"] == cfg.poison_index), jnp.nan, value), metrics
+
+    return base._replace(name="convirt_nan_on_record", loss=loss)
+
+
+def _config(root, mode, total):
+    c = helpers.load_config("convirt")
+    c.method.name = "convirt_nan_on_record"
+    c.method.poison_index = POISON
+    c.data.root, c.data.tokenizer_dir = root, os.path.join(root, "tokenizer")
+    c.train.total_steps, c.train.log_every_steps, c.train.ckpt_every_steps = total, 4, 1000
+    c.train.nonfinite, c.train.eval_at_end = mode, False
+    return c
+
+
+def _poisoned_steps(config, total):
+    """Steps (1-based) whose batch holds the poisoned record, from the pipeline itself."""
+    it = pipeline.make_train_iter(config, tokenizer_lib.load_tokenizer(config.data.tokenizer_dir), start_step=0)
+    return [s for s in range(1, total + 1) if POISON in next(it)["index"]]
+
+
+@pytest.fixture
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache for the in-process runs below (the second run then compiles nothing);
+    restored afterwards. Uses jax._src.compilation_cache.reset_cache; without it the test is only slower."""
+    try:
+        from jax._src import compilation_cache as cc
+    except ImportError:
+        yield
+        return
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = {n: getattr(jax.config, n) for n in names}
+    new = (str(tmp_path_factory.getbasetemp() / "jax_cache_inprocess"), 0.0, -1)
+    for n, v in zip(names, new):
+        jax.config.update(n, v)
+    cc.reset_cache()
+    yield
+    for n, v in old.items():
+        jax.config.update(n, v)
+    cc.reset_cache()
+
+
+def test_nonfinite_stop_names_step_and_records_and_skip_counts(tmp_path, data_root, compilation_cache):
+    from medvlp_jax.train import loop
+    total = 7                                    # 24 examples / batch 8: the poisoned record comes once per 3 steps
+    stop_cfg = _config(data_root, "stop", total)
+    poisoned = _poisoned_steps(stop_cfg, total)
+    assert len(poisoned) >= 2 and poisoned[0] % 4, poisoned       # the first one falls between log steps
+    with pytest.raises(FloatingPointError) as e:
+        loop.run(stop_cfg, str(tmp_path / "stop"))
+    msg = str(e.value)
+    first = poisoned[0]
+    assert f"step {first}: record indices [" in msg and "'train'" in msg, msg
+    rows = json.loads(msg.split(f"step {first}: record indices ", 1)[1].split("]", 1)[0] + "]")
+    assert POISON in rows and len(rows) == 8
+    # Nothing after the first log step that follows the bad step ran (it raised there).
+    assert not os.path.exists(tmp_path / "stop" / "checkpoints" / str(total))
+
+    loop.run(_config(data_root, "skip", total), str(tmp_path / "skip"))
+    logged = [json.loads(line) for line in open(tmp_path / "skip" / "metrics.jsonl")]
+    assert logged[-1]["step"] == total and logged[-1]["train/nonfinite_steps"] == len(poisoned)
