@@ -78,6 +78,9 @@ def base(variant: str = "paper", image: str = "vit") -> ml_collections.ConfigDic
     c.data.shuffle_buffer = {"paper": 10_000, "demo": 2_048, "test": 64}[variant]
     c.data.skip_bad_records = False     # True: corrupt records are counted and skipped, not fatal
     c.data.prefetch = 2                 # host-side batches prepared ahead of the step
+    # Shard files are split into this many streams (0: one per process). A fixed value (e.g. 2) gives the same
+    # global batches on any process count that divides it, so runs resume across process counts.
+    c.data.num_streams = 0
     c.data.auto_prepare = variant == "demo"   # the demo prepares its own data on first run
 
     # ---- model ----
