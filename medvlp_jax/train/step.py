@@ -18,11 +18,6 @@ import optax
 from medvlp_jax.train.state import TrainState
 
 
-def _select_tree(pred_tree, new, old):
-    """Per-leaf jnp.where(pred, new, old) where pred_tree is a prefix of params-shaped trees."""
-    return jax.tree.map(lambda p, n, o: jax.tree.map(lambda a, b: jnp.where(p, a, b), n, o), pred_tree, new, old)
-
-
 def _freeze(trainable, params, new_params, opt_state, new_opt_state):
     """Keeps frozen leaves (params and their optimiser moments) as they were.
 
