@@ -12,7 +12,7 @@ from medvlp_jax import config_lib
 
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, image="vit")
+    arg = config_lib.parse_arg(arg, image="")   # "": the variant's default encoder
     c = config_lib.base(arg.variant, image=arg.image)
     c.method.name = "convirt"
     c.method.temperature = 0.07

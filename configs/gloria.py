@@ -8,15 +8,15 @@ local = layer3 19x19 regions through a 1x1 conv (no bias) to 768, global = poole
 Bio_ClinicalBERT with 12 layers, hidden states of the last 4 layers summed, word pieces merged, 97 tokens;
 no text projection and no normalisation before the losses (cosines are taken inside); temperatures 4/5/10;
 Adam lr 5e-5, L2 1e-6, clip 0.25, batch 48. The paper trained on CheXpert's private reports; "GLoRIA-MIMIC"
-(this default) is MGCA's retraining on MIMIC-CXR. The demo keeps GLoRIA's heads on the demo ViT/BERT.
+(this default) is MGCA's retraining on MIMIC-CXR. The demo keeps GLoRIA's heads on the demo encoders.
 """
 from medvlp_jax import config_lib
 
 
 def get_config(arg=None):
     arg = config_lib.parse_arg(arg, image="")
-    # The paper's ResNet-50; the demo/test default to the small ViT (faster on a CPU): `:demo,image=resnet`.
-    image = arg.image or ("resnet" if arg.variant == "paper" else "vit")
+    # The paper's ResNet-50; demo and test take the variant's default encoder (config_lib.DEFAULT_IMAGE).
+    image = arg.image or ("resnet" if arg.variant == "paper" else "")
     c = config_lib.base(arg.variant, image=image)
     if arg.variant == "paper":
         c.model.text.depth = 12

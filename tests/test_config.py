@@ -27,6 +27,20 @@ def test_parse_arg_variants_and_overrides():
         config_lib.parse_arg("imag=vit", image="vit")
 
 
+@pytest.mark.parametrize("name", ["convirt", "gloria", "mgca", "sista", "aga", "plan"])
+def test_default_image_encoder_per_variant(name):
+    """The demo trains the small ResNet, the test variant the test ViT, the paper setup its paper's encoder."""
+    assert helpers.load_config(name, "demo").model.image.name == "resnet50"
+    assert helpers.load_config(name, "test").model.image.name == "vit"
+    assert helpers.load_config(name, "").model.image.name == ("resnet50" if name == "gloria" else "vit")
+    assert helpers.load_config(name, "demo,image=vit").model.image.name == "vit"
+
+
+def test_unknown_image_encoder():
+    with pytest.raises(config_lib.ConfigError, match="unknown image encoder image='vitt'"):
+        helpers.load_config("convirt", "demo,image=vitt")
+
+
 def test_unknown_method(tmp_path):
     c = _valid_demo(tmp_path)
     c.method.name = "clipp"

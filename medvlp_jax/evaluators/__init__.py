@@ -44,7 +44,7 @@ EVALUATORS = Registry("evaluator")
 
 # Modules that register into EVALUATORS; imported on first use so that importing this package stays cheap.
 EVALUATOR_MODULES: tuple[str, ...] = (
-    "zero_shot", "retrieval", "linear_probe", "finetune",
+    "quick", "zero_shot", "retrieval", "linear_probe", "finetune",
     "segmentation", "detection", "grounding",
 )
 
@@ -289,10 +289,11 @@ def read_split_fields(root: str, split: str, fields=("index", "labels")) -> dict
     Args:
         root: prepared data directory.
         split: split name.
-        fields: any of "index", "labels", "report", "id", "patient_id".
+        fields: any of "index", "labels", "report", "id", "patient_id", "finding_names".
 
     Returns:
-        {field: array [n] ([n, classes] for labels; str for text fields)}.
+        {field: array [n] ([n, classes] for labels; str for text fields; for "finding_names" a list per
+        example of its finding names)}.
     """
     import numpy as np
     from medvlp_jax.data import pipeline, schema
@@ -304,9 +305,25 @@ def read_split_fields(root: str, split: str, fields=("index", "labels")) -> dict
     spec = {f: full[f] for f in set(fields) | {"index"}}
     files = [os.path.join(root, s["file"]) for s in info["splits"][split]["shards"]]
     rows: dict[str, list] = {f: [] for f in spec}
-    for ex in tf.data.TFRecordDataset(files).map(lambda r: tf.io.parse_single_example(r, spec)).as_numpy_iterator():
+
+    def parse(record):
+        ex = tf.io.parse_single_example(record, spec)
+        return {f: tf.sparse.to_dense(v) if isinstance(v, tf.sparse.SparseTensor) else v for f, v in ex.items()}
+
+    def text(v):
+        return v.decode("utf-8", errors="replace") if isinstance(v, bytes) else v
+
+    for ex in tf.data.TFRecordDataset(files).map(parse).as_numpy_iterator():
         for f in spec:
             v = ex[f]
-            rows[f].append(v.decode("utf-8", errors="replace") if isinstance(v, bytes) else v)
+            rows[f].append([text(x) for x in v] if isinstance(spec[f], tf.io.VarLenFeature) else text(v))
     order = np.argsort(np.asarray(rows["index"], np.int64), kind="stable")
-    return {f: np.asarray(v)[order] if v else np.zeros((0,)) for f, v in rows.items() if f in fields}
+    out = {}
+    for f, v in rows.items():
+        if f not in fields:
+            continue
+        if isinstance(spec[f], tf.io.VarLenFeature):
+            out[f] = [v[i] for i in order]
+        else:
+            out[f] = np.asarray(v)[order] if v else np.zeros((0,))
+    return out

@@ -243,7 +243,7 @@ def cross_pair_scores(params, tokens: Array, token_mask: Array, patches: Array, 
             return s_l, s_v
         return jax.vmap(one)(tok, msk)
 
-    return local_ops.map_report_chunks(body, (tokens, token_mask), cfg.text_chunk)
+    return common.map_in_chunks(body, (tokens, token_mask), cfg.text_chunk)
 
 
 def bcga_cross(params, tokens, token_mask, patches, valid, cfg: AgaConfig, gates) -> Array:

@@ -1,16 +1,17 @@
 """Token-level helpers shared by the reconstructed objectives (SISTA, AGA, PLAN).
 
-Owns: masked min-max normalisation, sparse word->patch grouping, MGCA-style word weights (masked
-quantile clipping), per-pair cross-entropy with masked negatives, bidirectional CE from a logit matrix,
-a config reader with typo detection, and the report-chunk mapper used by cross-sample local terms
-(methods.md section 12.6: never build [b, b, t, p] at full batch).
+Owns: masked min-max normalisation, sparse word->patch grouping, per-pair cross-entropy with masked
+negatives, bidirectional CE from a logit matrix, and a config reader with typo detection. MGCA-style word
+weights (``common.quantile_clipped_weights``) and the chunk mapper of the cross-sample local terms
+(``common.map_in_chunks``; methods.md section 12.6: never build [b, b, t, p] at full batch) live in
+``common``, shared with MGCA and GLoRIA.
 
 Shapes: b = batch, t = text slots, p = patches, d = embedding width, c = report chunk.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -90,38 +91,6 @@ def topk_mask(s: Array, k: int, mask: Array | None = None) -> Array:
     return chosen if mask is None else chosen & mask
 
 
-def mgca_word_weights(word_attn: Array, mask: Array, quantiles: tuple[float, float] = (0.1, 0.9)) -> Array:
-    """MGCA word weights: attention clipped to its own quantiles over valid words, normalised (stop-grad).
-
-    The quantiles use torch.quantile's linear interpolation at q * (n - 1) over the n valid entries
-    (methods.md sections 4.3 and 12.4).
-
-    Args:
-      word_attn: [b, t] non-negative attention per slot.
-      mask: [b, t] bool, words that carry weight.
-      quantiles: (lo, hi).
-    Returns:
-      [b, t] weights summing to 1 over the valid words of each row (all 0 for a row with none).
-    """
-    a = wide(jax.lax.stop_gradient(word_attn))
-    n = jnp.sum(mask, axis=-1, keepdims=True)                             # [b, 1]
-    srt = jnp.sort(jnp.where(mask, a, jnp.inf), axis=-1)                   # valid entries first
-
-    def quantile(q):
-        pos = q * jnp.maximum(n - 1, 0).astype(a.dtype)                # [b, 1]
-        i0 = jnp.floor(pos).astype(jnp.int32)
-        i1 = jnp.minimum(i0 + 1, jnp.maximum(n - 1, 0))
-        v0 = jnp.take_along_axis(srt, i0, axis=-1)
-        v1 = jnp.take_along_axis(srt, i1, axis=-1)
-        v0 = jnp.where(jnp.isfinite(v0), v0, 0.0)
-        v1 = jnp.where(jnp.isfinite(v1), v1, 0.0)
-        return v0 + (pos - i0) * (v1 - v0)
-
-    lo, hi = quantile(quantiles[0]), quantile(quantiles[1])
-    w = jnp.where(mask, jnp.clip(a, lo, hi), 0.0)
-    return w / jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1e-12)
-
-
 def uniform_word_weights(mask: Array) -> Array:
     """1/|T_b| on the valid words of each row, 0 elsewhere. mask: [b, t] bool. Returns [b, t]."""
     m = mask.astype(jnp.float32)
@@ -166,35 +135,3 @@ def bidirectional_ce(logits: Array, valid: Array, reduce_directions: str = "mean
 def group_vectors(weights: Array, keys: Array) -> Array:
     """L2-normalised weighted sums: weights [..., n, m], keys [..., m, d] -> [..., n, d]."""
     return common.l2_normalize(jnp.einsum("...nm,...md->...nd", weights, keys))
-
-
-def map_report_chunks(body: Callable[[Any], Any], reports: Any, chunk: int | None) -> Any:
-    """Applies ``body`` to chunks of the report axis and concatenates the results.
-
-    ``body`` takes a pytree whose leaves have a leading chunk axis c and returns a pytree with leading
-    axis c. With ``chunk`` None or >= b the body runs once on everything (materialising whatever it
-    builds at full batch). Otherwise the batch is padded to a multiple of ``chunk`` by repeating the
-    last report (real data, so no NaNs appear in padded rows' forward or backward), mapped with
-    ``lax.map`` and ``jax.checkpoint`` on the body, so peak memory is that of one chunk's body and the
-    backward recomputes each chunk.
-
-    Args:
-      body: chunk pytree -> output pytree, leading axis c everywhere.
-      reports: pytree of arrays with leading axis b.
-      chunk: reports per chunk, or None.
-    Returns:
-      pytree of outputs with leading axis b.
-    """
-    b = jax.tree_util.tree_leaves(reports)[0].shape[0]
-    if chunk is None or chunk >= b:
-        return body(reports)
-    n_chunks = -(-b // chunk)
-    pad = n_chunks * chunk - b
-
-    def split(x):
-        if pad:
-            x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)], axis=0)
-        return x.reshape((n_chunks, chunk) + x.shape[1:])
-
-    out = jax.lax.map(jax.checkpoint(body), jax.tree_util.tree_map(split, reports))
-    return jax.tree_util.tree_map(lambda y: y.reshape((n_chunks * chunk,) + y.shape[2:])[:b], out)

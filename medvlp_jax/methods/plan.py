@@ -163,7 +163,7 @@ def local_scores(words: Array, log_omega: Array, patches: Array, spec: StageSpec
         return jax.nn.logsumexp(cfg.tau_agg * cos + lw[:, None, :], axis=-1) / cfg.tau_agg   # [c, b]
 
     reports = (words, log_omega) if teacher is None else (words, log_omega, teacher[0])
-    return local_ops.map_report_chunks(body, reports, cfg.text_chunk)
+    return common.map_in_chunks(body, reports, cfg.text_chunk)
 
 
 def kept_words(pos_logp: Array, word_mask: Array, spec: StageSpec, cfg: PlanConfig) -> Array:
@@ -178,7 +178,7 @@ def kept_words(pos_logp: Array, word_mask: Array, spec: StageSpec, cfg: PlanConf
 def base_word_weights(out: EncoderOutputs, cfg: PlanConfig) -> Array:
     """omega over all valid words, [b, t] (stop-grad)."""
     if cfg.word_weights == "mgca":
-        return local_ops.mgca_word_weights(out.word_attn, out.word_mask, cfg.word_weight_quantiles)
+        return common.quantile_clipped_weights(out.word_attn, out.word_mask, *cfg.word_weight_quantiles)
     return local_ops.uniform_word_weights(out.word_mask)
 
 

@@ -189,7 +189,7 @@ def sta_loss(out: EncoderOutputs, valid: Array, cfg: SistaConfig) -> tuple[Array
     ce_group = local_ops.diag_ce(z, mask)                                       # c_t against words
     ce_word = local_ops.diag_ce(jnp.swapaxes(z, 1, 2), mask)                    # w_t against groups
     if cfg.sta_word_weights == "mgca":
-        omega = local_ops.mgca_word_weights(out.word_attn, mask, cfg.word_weight_quantiles)
+        omega = common.quantile_clipped_weights(out.word_attn, mask, *cfg.word_weight_quantiles)
     else:
         omega = local_ops.uniform_word_weights(mask)
     omega = jnp.where(mask, omega, 0.0)

@@ -79,6 +79,12 @@ def load_pretrained_towers(config, state, shardings):
     return state.replace(params=placed[0], model_state=placed[1], ema_params=placed[2])
 
 
+@jax.jit
+def _add_metrics(a: dict[str, jax.Array], b: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Element-wise sum of two metric dicts (scalars; replicated over the mesh)."""
+    return jax.tree.map(lambda x, y: x + y.astype(x.dtype), a, b)
+
+
 def _count_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
@@ -134,6 +140,7 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None) -> dict[st
     bar = tqdm(total=total, initial=start, disable=not is_main, desc=config.method.name, dynamic_ncols=True)
     last_metrics: dict[str, float] = {}
     t_log, steps_since_log = time.time(), 0
+    metric_sum = None
     step = start
     try:
         for step in range(start + 1, total + 1):
@@ -145,11 +152,14 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None) -> dict[st
                 train_step = compiled
             state, metrics = train_step(state, batch)
             nonfinite.record(step, metrics, batch)
+            # Logged metrics are means over the log interval, summed on the device (no host sync per step).
+            metric_sum = metrics if metric_sum is None else _add_metrics(metric_sum, metrics)
             bar.update(1)
             steps_since_log += 1
             if step % config.train.log_every_steps == 0 or step == total:
                 nonfinite.check(step)           # "stop": raises naming every non-finite step since the last log
-                m = jax.device_get(metrics)
+                m = {k: v / steps_since_log for k, v in jax.device_get(metric_sum).items()}
+                metric_sum = None
                 dt = time.time() - t_log
                 rates = {"perf/steps_per_s": steps_since_log / dt,
                          "perf/images_per_s": steps_since_log * config.train.batch_size / dt,

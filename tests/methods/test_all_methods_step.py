@@ -27,9 +27,11 @@ def test_config_variants_load(name):
         assert c.train.batch_size > 0
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_sharded_train_step_equals_single_device(name):
-    config = helpers.load_config(name, "test")
+@pytest.mark.parametrize("name,arg", [(m, "test") for m in METHODS] + [("convirt", "test,image=resnet")])
+def test_sharded_train_step_equals_single_device(name, arg):
+    """Every method on the test ViT, and the demo's encoder type (ResNet with BatchNorm: statistics over the
+    global batch) once."""
+    config = helpers.load_config(name, arg)
     batches = [helpers.random_batch(config, 8, seed=s) for s in range(2)]
     p1, h1, _, _ = helpers.run_steps(config, (1, 1), batches, steps_per_epoch=1)
     p8, h8, _, _ = helpers.run_steps(config, (4, 2), batches, steps_per_epoch=1)

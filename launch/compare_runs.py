@@ -1,0 +1,51 @@
+"""A Markdown table comparing pretraining runs: loss, end-of-run R@1 / zero-shot AUROC, untrained baseline, speed.
+
+  python launch/compare_runs.py runs/convirt_demo runs/gloria_demo runs/mgca_demo
+  python launch/compare_runs.py runs/*_demo --benchmarks=runs/benchmarks --out=docs/demo_results.md
+
+For the untrained column, first run ``python launch/evaluate.py --config=configs/eval/quick.py
+--checkpoint=<run> --untrained``; for FLOPs, ``python launch/benchmark.py --config=configs/<method>.py:demo``
+(its JSON, runs/benchmarks/<method>_<variant>_<platform>.json, is found with --benchmarks). See
+medvlp_jax/run_summary.py for what each column is.
+"""
+import argparse
+import glob
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from medvlp_jax import run_summary  # noqa: E402
+
+
+def _benchmark_for(workdir: str, bench_dir: str | None) -> str | None:
+    if not bench_dir:
+        return None
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = json.load(f)
+    hits = sorted(glob.glob(os.path.join(bench_dir, f"{config['method']['name']}_{config.get('variant', '')}_*.json")))
+    return hits[0] if hits else None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("workdirs", nargs="+", help="pretraining workdirs")
+    p.add_argument("--benchmarks", default=None, help="directory of launch/benchmark.py JSON files")
+    p.add_argument("--out", default=None, help="also write the table to this Markdown file")
+    a = p.parse_args(argv)
+    for w in a.workdirs:
+        if not os.path.exists(os.path.join(w, "config.json")):
+            print(f"error: {w!r} is not a pretraining workdir (no config.json)", file=sys.stderr)
+            return 2
+    rows = [run_summary.summarize(w, _benchmark_for(w, a.benchmarks)) for w in a.workdirs]
+    md = run_summary.markdown_table(rows)
+    print(md)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(md + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""One table row per pretraining run: training loss, end-of-run retrieval and zero-shot, speed and FLOPs.
+
+    rows = [summarize(w) for w in ("runs/convirt_demo", "runs/mgca_demo")]
+    print(markdown_table(rows))
+
+Reads only what a run wrote: ``metrics.jsonl`` (losses and steps/s as logged, means over each log interval),
+``eval_results.json`` (the end-of-run evaluation, medvlp_jax/evaluators/quick.py), ``eval/quick_untrained.json``
+when ``launch/evaluate.py --config=configs/eval/quick.py --untrained`` was run (the same encoders at
+initialisation), and a ``launch/benchmark.py`` JSON for the compiled step's FLOPs and median step time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from typing import Any, Optional
+
+# (column title, key in the row dict, format)
+COLUMNS = (
+    ("method", "method", "{}"),
+    ("steps", "steps", "{:d}"),
+    ("loss first -> last", "loss", "{}"),
+    ("R@1 i2t", "R@1", "{:.2%}"),
+    ("R@10 i2t", "R@10", "{:.1%}"),
+    ("R@1 same findings", "R@1_same_findings", "{:.1%}"),
+    ("zero-shot AUROC", "auroc", "{:.3f}"),
+    ("untrained R@1 / R@1 same findings / AUROC", "untrained", "{}"),
+    ("s/step (train)", "s_per_step", "{:.3f}"),
+    ("s/step (bench)", "bench_s_per_step", "{:.3f}"),
+    ("GFLOP/step", "gflop_per_step", "{:.1f}"),
+)
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    """The rows of ``<workdir>/metrics.jsonl`` in order (empty if absent)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _read_json(path: str) -> Optional[dict[str, Any]]:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def summarize(workdir: str, benchmark_json: Optional[str] = None) -> dict[str, Any]:
+    """The summary row of one run (missing pieces are None).
+
+    Returns keys: method, steps, loss ("first -> last" of the logged train/loss), loss_first, loss_last,
+    R@1, R@10, chance_R@1, R@1_same_findings, auroc, untrained (formatted triple or None), s_per_step (median
+    over log intervals after the first, which holds the compilation), bench_s_per_step, gflop_per_step.
+    """
+    config = _read_json(os.path.join(workdir, "config.json")) or {}
+    rows = [r for r in read_metrics(workdir) if "train/loss" in r]
+    out: dict[str, Any] = {"workdir": workdir, "method": config.get("method", {}).get("name", os.path.basename(workdir))}
+    out["steps"] = int(rows[-1]["step"]) if rows else None
+    out["loss_first"] = rows[0]["train/loss"] if rows else None
+    out["loss_last"] = rows[-1]["train/loss"] if rows else None
+    out["loss"] = f"{out['loss_first']:.3f} -> {out['loss_last']:.3f}" if rows else None
+    rates = [r["perf/steps_per_s"] for r in rows[1:] if r.get("perf/steps_per_s")]
+    out["s_per_step"] = 1.0 / statistics.median(rates) if rates else None
+    ev = _read_json(os.path.join(workdir, "eval_results.json")) or {}
+    out["R@1"] = ev.get("retrieval/i2t/R@1")
+    out["R@10"] = ev.get("retrieval/i2t/R@10")
+    out["chance_R@1"] = ev.get("retrieval/chance_R@1")
+    out["R@1_same_findings"] = ev.get("retrieval_same_findings/i2t/R@1")
+    out["auroc"] = ev.get("zero_shot/macro_auroc")
+    unt = _read_json(os.path.join(workdir, "eval", "quick_untrained.json"))
+    out["untrained"] = None
+    if unt:
+        parts = [unt.get("retrieval/i2t/R@1"), unt.get("retrieval_same_findings/i2t/R@1"), unt.get("zero_shot/macro_auroc")]
+        out["untrained"] = " / ".join("-" if v is None else (f"{v:.2%}" if i == 0 else f"{v:.1%}" if i == 1 else f"{v:.3f}")
+                                      for i, v in enumerate(parts))
+    bench = _read_json(benchmark_json) if benchmark_json else None
+    base = (bench or {}).get("base") or {}
+    out["bench_s_per_step"] = base.get("step_s")
+    flops = base.get("flops_per_step")
+    out["gflop_per_step"] = None if flops is None else flops / 1e9
+    return out
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of summary rows (``COLUMNS``); missing values print as '-'."""
+    lines = ["| " + " | ".join(t for t, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        cells = []
+        for _, key, fmt in COLUMNS:
+            v = r.get(key)
+            cells.append("-" if v is None else fmt.format(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    chance = {r["chance_R@1"] for r in rows if r.get("chance_R@1") is not None}
+    if chance:
+        lines.append("")
+        lines.append("Chance R@1 (i2t, strict pairing): " + ", ".join(f"{c:.2%}" for c in sorted(chance)) + ".")
+    return "\n".join(lines)

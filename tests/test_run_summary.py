@@ -1,0 +1,65 @@
+"""run_summary / launch/compare_runs.py on a hand-written workdir: every column read from the right file."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+
+def _workdir(tmp_path, with_untrained=True):
+    w = tmp_path / "convirt_demo"
+    (w / "eval").mkdir(parents=True)
+    (w / "config.json").write_text(json.dumps({"method": {"name": "convirt"}, "variant": "demo"}))
+    rows = [{"step": 25, "train/loss": 4.1, "perf/steps_per_s": 0.5},      # first interval: compilation
+            {"step": 50, "train/loss": 3.5, "perf/steps_per_s": 2.0},
+            {"step": 75, "train/loss": 3.0, "perf/steps_per_s": 4.0},
+            {"step": 75, "eval/other": 1.0}]                                  # rows without train/loss ignored
+    (w / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (w / "eval_results.json").write_text(json.dumps({
+        "retrieval/i2t/R@1": 0.05, "retrieval/i2t/R@10": 0.3, "retrieval/chance_R@1": 0.0025,
+        "retrieval_same_findings/i2t/R@1": 0.4, "zero_shot/macro_auroc": 0.8}))
+    if with_untrained:
+        (w / "eval" / "quick_untrained.json").write_text(json.dumps({
+            "retrieval/i2t/R@1": 0.0025, "retrieval_same_findings/i2t/R@1": 0.2, "zero_shot/macro_auroc": 0.5}))
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "convirt_demo_cpu.json").write_text(json.dumps({"base": {"step_s": 0.4, "flops_per_step": 2.5e10}}))
+    return str(w), str(bench)
+
+
+def test_summarize_reads_every_column(tmp_path):
+    from medvlp_jax import run_summary
+    w, bench = _workdir(tmp_path)
+    r = run_summary.summarize(w, os.path.join(bench, "convirt_demo_cpu.json"))
+    assert r["method"] == "convirt" and r["steps"] == 75
+    assert r["loss"] == "4.100 -> 3.000"
+    assert r["s_per_step"] == pytest.approx(1 / 3.0)          # median of 2 and 4 steps/s, first interval left out
+    assert (r["R@1"], r["R@10"], r["R@1_same_findings"], r["auroc"]) == (0.05, 0.3, 0.4, 0.8)
+    assert r["untrained"] == "0.25% / 20.0% / 0.500"
+    assert r["bench_s_per_step"] == 0.4 and r["gflop_per_step"] == pytest.approx(25.0)
+    md = run_summary.markdown_table([r])
+    assert "| convirt | 75 | 4.100 -> 3.000 | 5.00% | 30.0% | 40.0% | 0.800 |" in md
+    assert "Chance R@1 (i2t, strict pairing): 0.25%." in md
+
+
+def test_missing_pieces_print_as_dashes(tmp_path):
+    from medvlp_jax import run_summary
+    w, _ = _workdir(tmp_path, with_untrained=False)
+    r = run_summary.summarize(w)
+    assert r["untrained"] is None and r["gflop_per_step"] is None
+    assert "| - | 0.333 | - | - |" in run_summary.markdown_table([r])
+
+
+def test_cli(tmp_path):
+    w, bench = _workdir(tmp_path)
+    out = tmp_path / "table.md"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "compare_runs.py"), w, f"--benchmarks={bench}",
+                        f"--out={out}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "| convirt |" in r.stdout and "| 25.0 |" in r.stdout and out.read_text().strip() == r.stdout.strip()
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "compare_runs.py"), str(tmp_path / "nope")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "no config.json" in r.stderr
