@@ -15,6 +15,8 @@ What one row holds (``StepResult``):
                         peaks for TPU v4/v5e/v5p/v6e and A100/H100/H200; on CPU the rate of a large float32
                         matmul on this host, because fake CPU devices share the same cores, measured right
                         after each row's timed steps so that both see the same load from other programs).
+  objective             (``run``, separately) the objective's value + gradient alone on the encoder outputs of one
+                        batch (``objective_cost``): FLOPs and median time, and their shares of the whole step.
   peak_memory_bytes     per device: ``device.memory_stats()["peak_bytes_in_use"]`` where the backend has it
                         (GPU, TPU), else XLA's compile-time estimate arguments + outputs + temporaries - aliased
                         (``compiled.memory_analysis()``); ``memory_source`` says which.
@@ -159,6 +161,12 @@ def build_step(config, devices: Sequence[jax.Device]):
     Returns:
       (state, jitted step, mesh).
     """
+    b = _build(config, devices)
+    return b["state"], b["step"], b["mesh"]
+
+
+def _build(config, devices: Sequence[jax.Device]) -> dict[str, Any]:
+    """build_step's pieces: model, objective, state, jitted step, mesh."""
     from medvlp_jax import sharding as sharding_lib
     from medvlp_jax.methods import make_objective
     from medvlp_jax.models.dual_encoder import build_model
@@ -174,7 +182,61 @@ def build_step(config, devices: Sequence[jax.Device]):
     step = step_lib.jit_train_step(
         step_lib.make_train_step(model, objective, tx, schedule, grad_accum_steps=config.optim.grad_accum_steps),
         shardings, sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh))
-    return state, step, mesh
+    return {"model": model, "objective": objective, "state": state, "step": step, "mesh": mesh}
+
+
+def objective_cost(config, *, devices: Optional[Sequence[jax.Device]] = None, steps: int = 5, warmup: int = 2,
+                   at_step: int = 10**6) -> dict[str, Any]:
+    """FLOPs and time of the objective alone: its value and gradient with respect to the encoder outputs and
+    the method's own parameters, on the encoder outputs of one synthetic batch, jitted on the same mesh.
+
+    Set beside the whole step's FLOPs this says how much of the step the alignment objective costs (the rest is
+    the encoders' forward and backward and the optimizer). ``at_step`` is the schedule step fed to the loss
+    (late: every scheduled term on); schedules are ``jnp.where`` switches, so every term is compiled anyway.
+
+    Returns:
+      {"flops": per step (all devices) or None, "step_s": median seconds, "compile_s": seconds}.
+    """
+    import jax.numpy as jnp
+    from medvlp_jax import sharding as sharding_lib
+    devices = list(devices if devices is not None else jax.devices())
+    b = _build(config, devices)
+    model, objective, state, mesh = b["model"], b["objective"], b["state"], b["mesh"]
+    batch = sharding_lib.to_global(synthetic_batch(config, config.train.batch_size), mesh)
+    variables = {"params": state.params["encoders"], **state.model_state}
+    # Eager apply: static fields of the outputs (the patch grid) stay Python values, as inside the train step.
+    out = model.apply(variables, batch, train=False)
+    leaves, treedef = jax.tree.flatten(out)
+    kinds = ["diff" if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating)
+             else "array" if isinstance(x, jax.Array) else "static" for x in leaves]
+    diff = [x for x, k in zip(leaves, kinds) if k == "diff"]
+    arrays = [x for x, k in zip(leaves, kinds) if k == "array"]
+
+    def assemble(d, a):
+        d, a = iter(d), iter(a)
+        return treedef.unflatten([next(d) if k == "diff" else next(a) if k == "array" else x
+                                  for x, k in zip(leaves, kinds)])
+
+    def loss_fn(method_params, d, a, batch, step):
+        o = assemble(d, a)
+        teacher = jax.tree.map(jax.lax.stop_gradient, o) if objective.ema_decay is not None else None
+        loss, _ = objective.loss(method_params, o, batch, step, rng=jax.random.PRNGKey(0), teacher_out=teacher)
+        return loss
+
+    method_params = objective.prepare_params(state.params["method"])
+    args = (method_params, diff, arrays, batch, jnp.asarray(at_step, jnp.int32))
+    t0 = time.perf_counter()
+    compiled = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1))).lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    per_device = _cost_flops(compiled)
+    return {"flops": None if per_device is None else per_device * len(devices),
+            "step_s": statistics.median(times), "compile_s": compile_s}
 
 
 def _cost_flops(compiled) -> Optional[float]:
@@ -267,11 +329,12 @@ def default_scaling(config, num_devices: int) -> dict[str, list[int]]:
 
 def run(config, *, steps: int = 10, warmup: int = 3, scaling: Optional[dict[str, list[int]]] = None,
         scaling_steps: int = 3, data_root: Optional[str] = None, pipeline_batches: int = 20,
-        devices: Optional[Sequence[jax.Device]] = None, log=print) -> dict[str, Any]:
-    """The whole benchmark: base step, scaling rows (one axis varied at a time), input pipeline.
+        devices: Optional[Sequence[jax.Device]] = None, objective: bool = True, log=print) -> dict[str, Any]:
+    """The whole benchmark: base step, the objective alone, scaling rows (one axis varied at a time), input pipeline.
 
     Returns:
-      a JSON-serialisable dict: environment, peak, base row, scaling rows, pipeline throughput (or None).
+      a JSON-serialisable dict: environment, peak, base row, objective cost (or None; ``objective_cost`` plus
+      ``share_of_step_flops`` and ``share_of_step_time``), scaling rows, pipeline throughput (or None).
     """
     devices = list(devices if devices is not None else jax.devices())
     load_start = os.getloadavg()[0]              # other work on the host skews CPU timings: recorded with them
@@ -284,6 +347,12 @@ def run(config, *, steps: int = 10, warmup: int = 3, scaling: Optional[dict[str,
     row_peak = None if on_cpu else peak_all
     base = time_step(config, devices=devices, steps=steps, warmup=warmup, peak=row_peak, label="base")
     log(format_row(base))
+    obj = None
+    if objective:
+        obj = objective_cost(config, devices=devices, steps=steps, warmup=warmup)
+        obj["share_of_step_flops"] = obj["flops"] / base.flops_per_step if obj["flops"] and base.flops_per_step else None
+        obj["share_of_step_time"] = obj["step_s"] / base.step_s
+        log(format_objective(obj))
     rows = []
     for axis, values in (scaling or {}).items():
         for v in values:
@@ -312,8 +381,18 @@ def run(config, *, steps: int = 10, warmup: int = 3, scaling: Optional[dict[str,
         "peak_flops_per_s": peak_all, "peak_source": peak_source,
         "model": {"image": dict(config.model.image), "text": dict(config.model.text), "dtype": config.model.dtype,
                   "remat": bool(config.model.get("remat", False)), "method": config.method.name},
-        "base": dataclasses.asdict(base), "scaling": [dataclasses.asdict(r) for r in rows], "pipeline": pipe,
+        "base": dataclasses.asdict(base), "objective": obj, "scaling": [dataclasses.asdict(r) for r in rows],
+        "pipeline": pipe,
     }
+
+
+def format_objective(obj: dict[str, Any]) -> str:
+    """One line: the objective's value + gradient alone, FLOPs and time, and their shares of the whole step."""
+    flops = "n/a" if obj["flops"] is None else f"{obj['flops'] / 1e9:.4g} GFLOP"
+    share = "n/a" if obj.get("share_of_step_flops") is None else f"{100 * obj['share_of_step_flops']:.2f}%"
+    return (f"Objective alone (value + gradient w.r.t. encoder outputs and method params): {flops}/step "
+            f"({share} of the step's FLOPs), {obj['step_s'] * 1e3:.2f} ms "
+            f"({100 * obj['share_of_step_time']:.1f}% of the step time).")
 
 
 def environment(devices: Sequence[jax.Device]) -> dict[str, Any]:
@@ -352,6 +431,8 @@ def markdown(result: dict[str, Any], title: str = "") -> str:
                      f"{_fmt(r['mfu'] and 100 * r['mfu'])} | {_fmt(r['peak_memory_bytes'], 2 ** 20, 4)} | "
                      f"{_fmt(r.get('load_average_1m'), 1, 2)} |")
     lines.append("")
+    if result.get("objective"):
+        lines.append(format_objective(result["objective"]))
     if result.get("pipeline"):
         p = result["pipeline"]
         lines.append(f"Input pipeline alone: **{p['examples_per_s']:.0f} examples/s** "

@@ -46,6 +46,18 @@ def test_with_shape_changes_the_step_shapes_consistently():
     assert d.model.image.image_size == 48 and d.data.resize >= 48 and c.train.batch_size == 8
 
 
+def test_objective_cost_counts_the_contrastive_matmuls():
+    """ConVIRT's objective alone is the [b, d] x [d, b] similarity matmul (forward, and two for the backward)
+    plus O(b^2) and O(b d) element-wise work: between 6 b^2 d and twice that, and ~4x for twice the batch."""
+    c = helpers.load_config("convirt")
+    d = c.model.proj.dim
+    costs = {b: benchmark_lib.objective_cost(benchmark_lib.with_shape(c, batch_size=b), devices=jax.devices()[:1],
+                                             steps=1, warmup=0)["flops"] for b in (8, 16)}
+    for b, flops in costs.items():
+        assert 6 * b * b * d <= flops <= 12 * b * b * d, (b, flops)
+    assert 3.0 < costs[16] / costs[8] < 4.5
+
+
 def test_benchmark_cli_smoke(tmp_path):
     root = str(tmp_path / "data")
     synthetic.prepare_synthetic(root, num_train=32, num_test=8, num_shards=2)
@@ -65,4 +77,5 @@ def test_benchmark_cli_smoke(tmp_path):
     assert 1.5 < row["flops_per_step"] / base["flops_per_step"] < 2.05
     assert base["peak_memory_bytes"] > 0 and 0 < base["mfu"]
     assert r["pipeline"]["examples_per_s"] > 0 and r["environment"]["platform"] == "cpu"
+    assert 0 < r["objective"]["share_of_step_flops"] < 0.01 and "Objective alone" in proc.stdout
     assert "| base | 8 | 16 | 32 |" in (tmp_path / "bench.md").read_text() and "| base |" in proc.stdout
