@@ -160,9 +160,13 @@ def build_head(model_cfg: Any, role: str) -> ProjectionHead:
 
 
 def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
-    """x / max(||x||_2, eps) on the last axis, in float32 (torch F.normalize)."""
+    """x / max(||x||_2, eps) on the last axis, in float32 (torch F.normalize).
+
+    As x * rsqrt(max(||x||^2, eps^2)): same values, and a finite gradient at x = 0 (an empty word slot), where
+    the derivative of the norm is 0/0 and would turn even a zero cotangent into NaN.
+    """
     x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps * eps))
 
 
 def token_word_ids(attention_mask: Array) -> Array:

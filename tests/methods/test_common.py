@@ -170,3 +170,22 @@ def test_cosine_similarity_clamp_and_zero_vector_gradient_is_finite():
     np.testing.assert_allclose(common.cosine_similarity(x, y), [24.0 / 25.0, 0.0], rtol=1e-6)
     g = jax.grad(lambda a: jnp.sum(common.cosine_similarity(a, y)))(x)
     assert np.all(np.isfinite(np.asarray(g)))
+
+
+@pytest.mark.parametrize("where", ["methods", "models"])
+def test_l2_normalize_values_and_finite_gradient_at_zero(where):
+    """x / max(||x||, eps) as torch F.normalize; a zero row (an empty word slot or word group) gets a finite
+    gradient, where the norm's derivative 0/0 made the whole step's gradient NaN."""
+    if where == "methods":
+        from medvlp_jax.methods.common import l2_normalize
+    else:
+        from medvlp_jax.models.dual_encoder import l2_normalize
+    x = np.array([[3.0, 4.0], [0.0, 0.0], [1e-13, 0.0]], np.float32)
+    want = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    np.testing.assert_allclose(np.asarray(l2_normalize(jnp.asarray(x))), want, rtol=1e-6)
+    g = jax.grad(lambda v: jnp.sum(l2_normalize(v) * jnp.array([1.0, 2.0])))(jnp.asarray(x))
+    assert np.all(np.isfinite(np.asarray(g)))
+    # Away from zero the gradient is the analytic one: (I - u u^T) c / ||x||.
+    u = x[0] / 5.0
+    c = np.array([1.0, 2.0])
+    np.testing.assert_allclose(np.asarray(g[0]), (c - u * (u @ c)) / 5.0, rtol=1e-5)
