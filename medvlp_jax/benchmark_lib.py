@@ -11,6 +11,9 @@ What one row holds (``StepResult``):
                         SPMD program XLA reports one partition, so this is per-device flops x devices: it counts
                         what the hardware executes, including work that replicated parameters repeat on every
                         device (the optimizer update), so it is slightly above the "model FLOPs" of papers.
+                        XLA counts a loop body once, whatever its trip count: a step with loops (chunked local
+                        terms, remat, gradient accumulation) is counted on ``unrolled_config`` instead, compiled
+                        but never run (``flops_source`` says which); remat's recomputation is thus not counted.
   mfu                   achieved flops/s / peak flops/s of all devices (``peak_flops``: a table of bf16 dense
                         peaks for TPU v4/v5e/v5p/v6e and A100/H100/H200; on CPU the rate of a large float32
                         matmul on this host, because fake CPU devices share the same cores, measured right
@@ -75,6 +78,7 @@ class StepResult:
     memory_source: str
     peak_flops_per_s: Optional[float] = None
     load_average_1m: Optional[float] = None     # of the host, after the row (other programs skew CPU timings)
+    flops_source: str = "compiled step"         # or the unrolled_config changes the FLOPs were counted with
 
 
 def peak_flops(device: jax.Device, *, cpu_matmul_size: int = 2048) -> tuple[float, str]:
@@ -165,8 +169,9 @@ def build_step(config, devices: Sequence[jax.Device]):
     return b["state"], b["step"], b["mesh"]
 
 
-def _build(config, devices: Sequence[jax.Device]) -> dict[str, Any]:
-    """build_step's pieces: model, objective, state, jitted step, mesh."""
+def _build(config, devices: Sequence[jax.Device], materialize: bool = True) -> dict[str, Any]:
+    """build_step's pieces: model, objective, state, jitted step, mesh (``materialize=False``: the state as
+    ShapeDtypeStructs carrying their shardings, enough to lower and compile the step)."""
     from medvlp_jax import sharding as sharding_lib
     from medvlp_jax.methods import make_objective
     from medvlp_jax.models.dual_encoder import build_model
@@ -178,11 +183,45 @@ def _build(config, devices: Sequence[jax.Device]) -> dict[str, Any]:
     init = state_lib.make_init_fn(config, model, objective, tx, init_batch_size=mesh.size)
     rng = jax.random.PRNGKey(config.seed)
     shardings = state_lib.state_shardings(config, jax.eval_shape(init, rng), mesh)
-    state = jax.jit(init, out_shardings=shardings)(rng)
+    if materialize:
+        state = jax.jit(init, out_shardings=shardings)(rng)
+    else:
+        state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                             jax.eval_shape(init, rng), shardings)
     step = step_lib.jit_train_step(
         step_lib.make_train_step(model, objective, tx, schedule, grad_accum_steps=config.optim.grad_accum_steps),
         shardings, sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh))
     return {"model": model, "objective": objective, "state": state, "step": step, "mesh": mesh}
+
+
+def unrolled_config(config):
+    """The config whose step computes the same model FLOPs without loops: ``method.*_chunk`` = None (the
+    cross-sample local terms in one block), no encoder remat, no gradient accumulation. XLA's cost analysis
+    counts the body of a loop (``lax.map``, ``lax.scan``) once, whatever its trip count, so the FLOPs of a
+    chunked or accumulated step are read from this variant (compiled, never run). Returns (config, changed)."""
+    c = config.copy_and_resolve_references()
+    changed = []
+    for k in list(c.method.keys()):
+        if k.endswith("_chunk") and c.method[k] is not None:
+            c.method[k] = None
+            changed.append(f"method.{k}=None")
+    if c.model.get("remat", False):
+        c.model.remat = False
+        changed.append("model.remat=False")
+    if c.optim.get("grad_accum_steps", 1) != 1:
+        c.optim.grad_accum_steps = 1
+        changed.append("optim.grad_accum_steps=1")
+    return c, changed
+
+
+def model_flops(config, devices: Sequence[jax.Device]) -> Optional[float]:
+    """FLOPs of one train step (all devices) from XLA's cost analysis of the compiled ``unrolled_config`` step."""
+    from medvlp_jax import sharding as sharding_lib
+    b = _build(config, devices, materialize=False)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding_lib.batch_sharding(b["mesh"]))
+             for k, v in synthetic_batch(config, config.train.batch_size).items()}
+    per_device = _cost_flops(b["step"].lower(b["state"], batch).compile())
+    return None if per_device is None else per_device * len(devices)
 
 
 def objective_cost(config, *, devices: Optional[Sequence[jax.Device]] = None, steps: int = 5, warmup: int = 2,
@@ -217,16 +256,18 @@ def objective_cost(config, *, devices: Optional[Sequence[jax.Device]] = None, st
         return treedef.unflatten([next(d) if k == "diff" else next(a) if k == "array" else x
                                   for x, k in zip(leaves, kinds)])
 
-    def loss_fn(method_params, d, a, batch, step):
-        o = assemble(d, a)
-        teacher = jax.tree.map(jax.lax.stop_gradient, o) if objective.ema_decay is not None else None
-        loss, _ = objective.loss(method_params, o, batch, step, rng=jax.random.PRNGKey(0), teacher_out=teacher)
-        return loss
+    def compile_for(obj):
+        def loss_fn(method_params, d, a, batch, step):
+            o = assemble(d, a)
+            teacher = jax.tree.map(jax.lax.stop_gradient, o) if obj.ema_decay is not None else None
+            loss, _ = obj.loss(method_params, o, batch, step, rng=jax.random.PRNGKey(0), teacher_out=teacher)
+            return loss
+        return jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1))).lower(*args).compile()
 
     method_params = objective.prepare_params(state.params["method"])
     args = (method_params, diff, arrays, batch, jnp.asarray(at_step, jnp.int32))
     t0 = time.perf_counter()
-    compiled = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1))).lower(*args).compile()
+    compiled = compile_for(objective)
     compile_s = time.perf_counter() - t0
     times = []
     for i in range(warmup + steps):
@@ -234,6 +275,10 @@ def objective_cost(config, *, devices: Optional[Sequence[jax.Device]] = None, st
         jax.block_until_ready(compiled(*args))
         if i >= warmup:
             times.append(time.perf_counter() - t)
+    unrolled, changed = unrolled_config(config)
+    if changed:                 # a chunked objective: XLA counts one chunk; count the one-block form instead
+        from medvlp_jax.methods import make_objective
+        compiled = compile_for(make_objective(unrolled.method, steps_per_epoch=1000))
     per_device = _cost_flops(compiled)
     return {"flops": None if per_device is None else per_device * len(devices),
             "step_s": statistics.median(times), "compile_s": compile_s}
@@ -287,6 +332,11 @@ def time_step(config, *, devices: Optional[Sequence[jax.Device]] = None, steps: 
     step_s = statistics.median(times)
     per_device = _cost_flops(compiled)
     flops = per_device * len(devices) if per_device is not None else None
+    unrolled, changed = unrolled_config(config)
+    flops_source = "compiled step"
+    if changed:                 # loops in the step: count the FLOPs on the loop-free variant (unrolled_config)
+        flops = model_flops(unrolled, devices)
+        flops_source = "loop-free variant: " + ", ".join(changed)
     achieved = flops / step_s if flops is not None else None
     if peak is None:                            # CPU: measured now, under the load the steps just saw
         peak, _ = peak_flops(devices[0])
@@ -300,7 +350,7 @@ def time_step(config, *, devices: Optional[Sequence[jax.Device]] = None, steps: 
                       compile_s=t2 - t1, step_s=step_s, step_s_all=times,
                       images_per_s=config.train.batch_size / step_s, flops_per_step=flops,
                       achieved_flops_per_s=achieved, mfu=mfu, peak_memory_bytes=mem, memory_source=source,
-                      peak_flops_per_s=peak, load_average_1m=os.getloadavg()[0])
+                      peak_flops_per_s=peak, load_average_1m=os.getloadavg()[0], flops_source=flops_source)
 
 
 def pipeline_throughput(config, *, batches: int = 20, warmup: int = 3) -> dict[str, float]:
@@ -350,7 +400,8 @@ def run(config, *, steps: int = 10, warmup: int = 3, scaling: Optional[dict[str,
     obj = None
     if objective:
         obj = objective_cost(config, devices=devices, steps=steps, warmup=warmup)
-        obj["share_of_step_flops"] = obj["flops"] / base.flops_per_step if obj["flops"] and base.flops_per_step else None
+        known = obj["flops"] and base.flops_per_step
+        obj["share_of_step_flops"] = obj["flops"] / base.flops_per_step if known else None
         obj["share_of_step_time"] = obj["step_s"] / base.step_s
         log(format_objective(obj))
     rows = []

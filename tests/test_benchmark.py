@@ -58,6 +58,22 @@ def test_objective_cost_counts_the_contrastive_matmuls():
     assert 3.0 < costs[16] / costs[8] < 4.5
 
 
+def test_chunked_steps_are_counted_in_full():
+    """XLA counts a loop body once: the FLOPs of a chunked GLoRIA step (two chunks of 8 texts) are read from the
+    loop-free variant, so they equal the unchunked step's, for the step and for the objective alone."""
+    c = helpers.load_config("gloria")
+    c.train.batch_size = 16
+    one = jax.devices()[:1]
+    got = {}
+    for chunk in (8, None):
+        c.method.text_chunk = chunk
+        r = benchmark_lib.time_step(c, devices=one, steps=1, warmup=0)
+        got[chunk] = (r.flops_per_step, benchmark_lib.objective_cost(c, devices=one, steps=1, warmup=0)["flops"],
+                      r.flops_source)
+    assert got[8][:2] == got[None][:2]
+    assert got[8][2] == "loop-free variant: method.text_chunk=None" and got[None][2] == "compiled step"
+
+
 def test_benchmark_cli_smoke(tmp_path):
     root = str(tmp_path / "data")
     synthetic.prepare_synthetic(root, num_train=32, num_test=8, num_shards=2)
