@@ -22,7 +22,7 @@ def get_config(arg=None):
     m.tau_r = 0.1                   # [I] local logit temperature
     m.word_weights = "mgca"         # [I] noise suppression of function words via attention weights
     # Stage boundaries in epochs: paper schedule 0-9 / 10-29 / 30-49 of 50 epochs.
-    epochs = {"paper": (10.0, 30.0), "demo": (2.0, 6.0), "test": (0.0, 0.0)}[arg.variant]
+    epochs = {"paper": (10.0, 30.0), "demo": (1.0, 3.0), "test": (0.0, 0.0)}[arg.variant]
     m.stage2_start_epoch, m.stage3_start_epoch = epochs
     m.loc_ramp_epochs = 2.0 if arg.variant == "paper" else 0.5
     m.lambda_loc = 1.0
@@ -32,4 +32,8 @@ def get_config(arg=None):
     m.prior_gamma = 0.5             # [I] A <- normalise(A * teacher^gamma)
     m.ema_decay = 0.999 if arg.variant == "paper" else 0.99
     m.text_chunk = 8                # reports per chunk of the cross-sample local term (memory)
+    if arg.variant == "demo":
+        # Stages 2-3 (the cross-sample word-to-pixel term) double the CPU step: 350 steps (~7 epochs) keep the
+        # demo under 10 minutes on 2 cores.
+        c.train.total_steps = 350
     return c

@@ -310,12 +310,18 @@ def _memory(compiled, devices) -> tuple[Optional[float], str]:
 
 
 def time_step(config, *, devices: Optional[Sequence[jax.Device]] = None, steps: int = 10, warmup: int = 3,
-              peak: Optional[float] = None, label: str = "") -> StepResult:
-    """Compiles and times the train step of ``config`` on synthetic batches (see module docstring)."""
+              peak: Optional[float] = None, label: str = "", at_step: int = 10**6) -> StepResult:
+    """Compiles and times the train step of ``config`` on synthetic batches (see module docstring).
+
+    The state's step counter starts at ``at_step`` (late: every scheduled term on, e.g. PLAN's stage 3, which
+    its earlier stages skip with ``lax.cond``), so the time is that of the full objective.
+    """
     from medvlp_jax import sharding as sharding_lib
     devices = list(devices if devices is not None else jax.devices())
     _check(config, len(devices))
     state, step, mesh = build_step(config, devices)
+    state = dataclasses.replace(state, step=jax.device_put(np.asarray(at_step, np.asarray(state.step).dtype),
+                                                           state.step.sharding))
     batch = sharding_lib.to_global(synthetic_batch(config, config.train.batch_size), mesh)
     t0 = time.perf_counter()
     lowered = step.lower(state, batch)

@@ -22,9 +22,8 @@ COLUMNS = (
     ("loss first -> last", "loss", "{}"),
     ("R@1 i2t", "R@1", "{:.2%}"),
     ("R@10 i2t", "R@10", "{:.1%}"),
-    ("R@1 same findings", "R@1_same_findings", "{:.1%}"),
     ("zero-shot AUROC", "auroc", "{:.3f}"),
-    ("untrained R@1 / R@1 same findings / AUROC", "untrained", "{}"),
+    ("untrained R@1 / R@10 / AUROC", "untrained", "{}"),
     ("s/step (train)", "s_per_step", "{:.3f}"),
     ("s/step (bench)", "bench_s_per_step", "{:.3f}"),
     ("GFLOP/step", "gflop_per_step", "{:.1f}"),
@@ -51,12 +50,14 @@ def summarize(workdir: str, benchmark_json: Optional[str] = None) -> dict[str, A
     """The summary row of one run (missing pieces are None).
 
     Returns keys: method, steps, loss ("first -> last" of the logged train/loss), loss_first, loss_last,
-    R@1, R@10, chance_R@1, R@1_same_findings, auroc, untrained (formatted triple or None), s_per_step (median
-    over log intervals after the first, which holds the compilation), bench_s_per_step, gflop_per_step.
+    R@1, R@10, chance_R@1, R@1_same_findings, auroc, untrained (formatted R@1 / R@10 / AUROC or None),
+    s_per_step (median over log intervals after the first, which holds the compilation), bench_s_per_step,
+    gflop_per_step.
     """
     config = _read_json(os.path.join(workdir, "config.json")) or {}
     rows = [r for r in read_metrics(workdir) if "train/loss" in r]
-    out: dict[str, Any] = {"workdir": workdir, "method": config.get("method", {}).get("name", os.path.basename(workdir))}
+    method = config.get("method", {}).get("name", os.path.basename(workdir))
+    out: dict[str, Any] = {"workdir": workdir, "method": method}
     out["steps"] = int(rows[-1]["step"]) if rows else None
     out["loss_first"] = rows[0]["train/loss"] if rows else None
     out["loss_last"] = rows[-1]["train/loss"] if rows else None
@@ -72,9 +73,9 @@ def summarize(workdir: str, benchmark_json: Optional[str] = None) -> dict[str, A
     unt = _read_json(os.path.join(workdir, "eval", "quick_untrained.json"))
     out["untrained"] = None
     if unt:
-        parts = [unt.get("retrieval/i2t/R@1"), unt.get("retrieval_same_findings/i2t/R@1"), unt.get("zero_shot/macro_auroc")]
-        out["untrained"] = " / ".join("-" if v is None else (f"{v:.2%}" if i == 0 else f"{v:.1%}" if i == 1 else f"{v:.3f}")
-                                      for i, v in enumerate(parts))
+        parts = [(unt.get("retrieval/i2t/R@1"), "{:.2%}"), (unt.get("retrieval/i2t/R@10"), "{:.1%}"),
+                 (unt.get("zero_shot/macro_auroc"), "{:.3f}")]
+        out["untrained"] = " / ".join("-" if v is None else fmt.format(v) for v, fmt in parts)
     bench = _read_json(benchmark_json) if benchmark_json else None
     base = (bench or {}).get("base") or {}
     out["bench_s_per_step"] = base.get("step_s")

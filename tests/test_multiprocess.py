@@ -59,7 +59,8 @@ def _cmd(tmp_path, workdir, root, total, *extra):
 
 
 def _env(devices, **extra):
-    # Fewer XLA optimisations: the programs compile ~30% faster, and every run here uses the same setting.
+    # Fewer XLA optimisations: the programs compile ~30% faster, and every run here uses the same setting
+    # (the in-process reference below sets the same jax option).
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                JAX_DISABLE_MOST_OPTIMIZATIONS="1", **extra)
     for k in ("MEDVLP_COORDINATOR", "MEDVLP_NUM_PROCESSES", "MEDVLP_PROCESS_ID"):
@@ -150,7 +151,7 @@ print("RESULT", jax.process_index(), jax.process_count(), jax.device_count(), fl
 
 def test_processes_join_from_the_environment_and_reduce_across_hosts(tmp_path):
     """MEDVLP_* variables -> jax.distributed; host batches form one global batch in process order; only
-    process 0 keeps INFO logging. (Fast; the training comparisons below are slow.)"""
+    process 0 keeps INFO logging."""
     script = tmp_path / "probe.py"
     script.write_text(PROBE.format(root=helpers.ROOT))
     port = _free_port()
@@ -176,6 +177,44 @@ def test_slurm_one_task_per_node_drives_all_gpus():
                                       ) == [0, 1, 2, 3]
     assert app.slurm_local_device_ids({"SLURM_NTASKS_PER_NODE": "8", "SLURM_GPUS_ON_NODE": "8"}) is None
     assert app.slurm_local_device_ids({"SLURM_NTASKS_PER_NODE": "1"}) is None
+
+
+def _reference_in_this_process(workdir, root, total):
+    """The 1-process, 8-device run of ``_cmd``'s config, trained here (pytest has 8 fake CPU devices)."""
+    import jax
+    from medvlp_jax.train import loop
+    config = helpers.load_config("convirt", "test")
+    config.data.root, config.data.tokenizer_dir = root, f"{root}/tokenizer"
+    config.train.update(total_steps=total, ckpt_every_steps=3, log_every_steps=2, eval_at_end=False)
+    config.mesh.data, config.mesh.fsdp = 4, 2
+    config.data.num_streams = 2
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)     # as the subprocesses (_env)
+    try:
+        loop.run(config, str(workdir))
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
+
+
+def test_two_processes_reach_the_parameters_of_one_process(tmp_path, data_root):
+    """Two processes x 4 devices train 2 steps; the same run on 8 devices in this process is the reference:
+    same parameters and Adam moments, same logged losses. (The slow test below compares 6 steps across
+    checkpoints against a separate 1-process run.)"""
+    total = 2
+    two = _start_two(_cmd(tmp_path, tmp_path / "two", data_root, total), _free_port())
+    try:
+        _reference_in_this_process(tmp_path / "one", data_root, total)
+    finally:
+        (_, _, err0), (_, _, err1) = _finish(two)
+    s1, ref = _params(str(tmp_path / "one"))
+    s2, got = _params(str(tmp_path / "two"))
+    assert s1 == s2 == total
+    _assert_same_state(ref, got)
+    losses = [[json.loads(line)["train/loss"] for line in open(tmp_path / w / "metrics.jsonl")]
+              for w in ("one", "two")]
+    assert len(losses[0]) == len(losses[1]) == 1
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    assert "compiled the train step" in err0 and "compiled the train step" not in err1
 
 
 @pytest.mark.slow

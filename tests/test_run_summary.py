@@ -23,7 +23,7 @@ def _workdir(tmp_path, with_untrained=True):
         "retrieval_same_findings/i2t/R@1": 0.4, "zero_shot/macro_auroc": 0.8}))
     if with_untrained:
         (w / "eval" / "quick_untrained.json").write_text(json.dumps({
-            "retrieval/i2t/R@1": 0.0025, "retrieval_same_findings/i2t/R@1": 0.2, "zero_shot/macro_auroc": 0.5}))
+            "retrieval/i2t/R@1": 0.0025, "retrieval/i2t/R@10": 0.2, "zero_shot/macro_auroc": 0.5}))
     bench = tmp_path / "bench"
     bench.mkdir()
     (bench / "convirt_demo_cpu.json").write_text(json.dumps({"base": {"step_s": 0.4, "flops_per_step": 2.5e10}}))
@@ -41,7 +41,7 @@ def test_summarize_reads_every_column(tmp_path):
     assert r["untrained"] == "0.25% / 20.0% / 0.500"
     assert r["bench_s_per_step"] == 0.4 and r["gflop_per_step"] == pytest.approx(25.0)
     md = run_summary.markdown_table([r])
-    assert "| convirt | 75 | 4.100 -> 3.000 | 5.00% | 30.0% | 40.0% | 0.800 |" in md
+    assert "| convirt | 75 | 4.100 -> 3.000 | 5.00% | 30.0% | 0.800 | 0.25% / 20.0% / 0.500 |" in md
     assert "Chance R@1 (i2t, strict pairing): 0.25%." in md
 
 

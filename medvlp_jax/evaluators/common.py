@@ -30,6 +30,7 @@ class Run:
     mesh: Any
     tokenizer: Any
     state: Any                             # the whole TrainState
+    untrained: bool = False                # encoders at initialisation (the baseline), not the checkpoint
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -61,7 +62,8 @@ def load_run(workdir: str, *, untrained: bool = False, step: Optional[int] = Non
     variables = {"params": state.params["encoders"], **state.model_state}
     return Run(config=config, workdir=workdir, step=got, model=s["model"], variables=variables,
                method_params=state.params["method"], objective=s["objective"], mesh=s["mesh"],
-               tokenizer=tokenizer_lib.load_tokenizer(config.data.tokenizer_dir), state=state)
+               tokenizer=tokenizer_lib.load_tokenizer(config.data.tokenizer_dir), state=state,
+               untrained=untrained)
 
 
 def replicated(run: Run):

@@ -19,7 +19,8 @@ the boxes, in the crop's coordinates (same resize / pad / centre crop as the ima
   (``metrics.miou_at_thresholds``).
 
 Results: means over phrases, per finding name (``cnr/<name>``, ...), and protocol facts. A few figures
-(image, one panel per phrase with its box) go to ``cfg.heatmaps_dir`` (default ``<workdir>/eval/heatmaps/``;
+(image, one panel per phrase with its box) go to ``cfg.heatmaps_dir`` (default ``<workdir>/eval/heatmaps/``,
+``eval/heatmaps_untrained/`` for the untrained baseline;
 ``cfg.num_heatmaps`` of them).
 """
 from __future__ import annotations
@@ -208,7 +209,9 @@ def evaluate(run, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     })
     n = int(cfg.get("num_heatmaps", 8))
     if n > 0 and queries and jax.process_index() == 0:
-        out_dir = cfg.get("heatmaps_dir", "") or os.path.join(run.workdir, "eval", "heatmaps")
+        # The untrained baseline's pictures go beside, not over, the checkpoint's.
+        default_dir = "heatmaps_untrained" if getattr(run, "untrained", False) else "heatmaps"
+        out_dir = cfg.get("heatmaps_dir", "") or os.path.join(run.workdir, "eval", default_dir)
         paths = write_heatmaps(split, queries, maps, out_dir, n)
         res["protocol/heatmaps"] = f"{len(paths)} PNG in {out_dir}"
     return res

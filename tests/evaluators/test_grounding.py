@@ -112,6 +112,10 @@ def test_evaluate_on_the_synthetic_run(syn_run):
     out_dir = res["protocol/heatmaps"].split(" PNG in ", 1)[1]
     pngs = sorted(os.listdir(out_dir))
     assert len(pngs) >= 2 and all(p.endswith(".png") for p in pngs)
+    # The untrained baseline (this fixture's state) writes beside the checkpoint's pictures, not over them.
+    assert syn_run.untrained and os.path.basename(out_dir) == "heatmaps_untrained"
+    trained = grounding.evaluate(dataclasses.replace(syn_run, untrained=False), cfg)
+    assert os.path.basename(trained["protocol/heatmaps"].split(" PNG in ", 1)[1]) == "heatmaps"
 
 
 def test_evaluate_rewards_a_map_that_finds_the_box(syn_run, monkeypatch):
