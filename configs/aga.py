@@ -25,4 +25,5 @@ def get_config(arg=None):
     m.hard_membership = False       # [I] True: hard mask with straight-through gradient
     m.lambda_iga = 1.0
     m.lambda_bcga = 1.0
+    m.text_chunk = 8                # reports per chunk of the cross-sample group term (memory; None = one block)
     return c

@@ -34,4 +34,5 @@ def get_config(arg=None):
     m.patch_context_norm = "auto"   # authors: attended word vector normalised for CNNs only
     m.ita_reduce = "sum"            # authors: sum of both CE directions
     m.local_negatives = "pair"      # authors: token losses within each pair
+    m.local_chunk = 16              # samples per chunk of the "batch" local negatives (memory; None = one block)
     return c

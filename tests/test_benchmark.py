@@ -58,6 +58,20 @@ def test_objective_cost_counts_the_contrastive_matmuls():
     assert 3.0 < costs[16] / costs[8] < 4.5
 
 
+def test_unrolled_config_removes_every_loop():
+    c = helpers.load_config("mgca")
+    c.model.remat = True
+    c.optim.grad_accum_steps = 2
+    u, changed = benchmark_lib.unrolled_config(c)
+    assert changed == ["method.local_chunk=None", "model.remat=False", "optim.grad_accum_steps=1"]
+    assert u.method.local_chunk is None and not u.model.remat and u.optim.grad_accum_steps == 1
+    assert c.method.local_chunk == 16 and c.model.remat                    # the original is untouched
+    assert benchmark_lib.unrolled_config(u)[1] == []
+    g, changed = benchmark_lib.unrolled_config(helpers.load_config("gloria"))
+    assert changed == ["method.text_chunk=None"] and g.method.text_chunk is None
+
+
+@pytest.mark.slow
 def test_chunked_steps_are_counted_in_full():
     """XLA counts a loop body once: the FLOPs of a chunked GLoRIA step (two chunks of 8 texts) are read from the
     loop-free variant, so they equal the unchunked step's, for the step and for the objective alone."""
