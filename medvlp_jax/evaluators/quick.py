@@ -73,7 +73,8 @@ def evaluate_embeddings(emb: dict[str, Any], class_emb: np.ndarray, class_names:
     res: dict[str, float] = {}
     hit_sets = {"retrieval": np.eye(n, dtype=bool)}
     if reports is not None:
-        hit_sets["retrieval_same_text"] = group_matrix([" ".join(r.lower().split()) for r in reports])
+        from medvlp_jax.evaluators.retrieval import same_text_matrix
+        hit_sets["retrieval_same_text"] = same_text_matrix(reports)
     if finding_names is not None:
         same = group_matrix([tuple(sorted(f)) for f in finding_names])
         hit_sets["retrieval_same_findings"] = same

@@ -33,10 +33,8 @@ def read_reports(root: str, split: str) -> dict[int, str]:
 
 def same_text_matrix(texts: list[str]) -> np.ndarray:
     """[n, n] bool: texts i and j are identical after whitespace normalisation (diagonal always True)."""
-    keys = [" ".join(t.lower().split()) for t in texts]
-    ids: dict[str, int] = {}
-    group = np.array([ids.setdefault(k, len(ids)) for k in keys], dtype=np.int64)
-    return group[:, None] == group[None, :]
+    from medvlp_jax.evaluators.quick import group_matrix
+    return group_matrix([" ".join(t.lower().split()) for t in texts])
 
 
 def class_precision(sim: np.ndarray, query_cls: np.ndarray, cand_cls: np.ndarray, ks) -> dict[str, float]:
