@@ -54,9 +54,13 @@ def parse_scale(values, config, num_devices):
 
 def main(argv):
     del argv
+    from medvlp_jax import app as app_lib
+    app_lib.run_main(_benchmark)
+
+
+def _benchmark():
     import jax
-    from medvlp_jax import app as app_lib, benchmark_lib
-    app_lib.initialize_distributed()
+    from medvlp_jax import benchmark_lib
     config = _CONFIG.value
     devices = jax.devices()
     data_root = _DATA_ROOT.value
@@ -83,4 +87,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from medvlp_jax.app import parse_flags
+    app.run(main, flags_parser=parse_flags)

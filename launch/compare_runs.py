@@ -2,6 +2,11 @@
 
   python launch/compare_runs.py runs/convirt_demo runs/gloria_demo runs/mgca_demo
   python launch/compare_runs.py runs/*_demo --benchmarks=runs/benchmarks --out=docs/demo_results.md
+  python launch/compare_runs.py runs/convirt_demo runs/mgca_demo --suite --untrained=runs/convirt_demo
+
+With --suite, the table is the evaluation suite's headline metrics (one column per run, from
+``launch/evaluate.py --config=configs/eval/suite.py:demo --checkpoint=<run>``); --untrained=<run> adds the column
+of that run's ``--untrained`` suite (the same architecture at initialisation).
 
 For the untrained column, first run ``python launch/evaluate.py --config=configs/eval/quick.py
 --checkpoint=<run> --untrained``; for FLOPs, ``python launch/benchmark.py --config=configs/<method>.py:demo``
@@ -28,18 +33,40 @@ def _benchmark_for(workdir: str, bench_dir: str | None) -> str | None:
     return hits[0] if hits else None
 
 
+def _method(workdir: str) -> str:
+    with open(os.path.join(workdir, "config.json")) as f:
+        return json.load(f).get("method", {}).get("name", os.path.basename(workdir))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("workdirs", nargs="+", help="pretraining workdirs")
     p.add_argument("--benchmarks", default=None, help="directory of launch/benchmark.py JSON files")
     p.add_argument("--out", default=None, help="also write the table to this Markdown file")
+    p.add_argument("--suite", action="store_true", help="tabulate the evaluation suite's headline metrics")
+    p.add_argument("--untrained", default=None, help="with --suite: add this run's untrained-suite column")
     a = p.parse_args(argv)
-    for w in a.workdirs:
+    for w in a.workdirs + ([a.untrained] if a.untrained else []):
         if not os.path.exists(os.path.join(w, "config.json")):
             print(f"error: {w!r} is not a pretraining workdir (no config.json)", file=sys.stderr)
             return 2
-    rows = [run_summary.summarize(w, _benchmark_for(w, a.benchmarks)) for w in a.workdirs]
-    md = run_summary.markdown_table(rows)
+    if a.untrained and not a.suite:
+        print("error: --untrained needs --suite", file=sys.stderr)
+        return 2
+    if a.suite:
+        columns = [(_method(w), run_summary.suite_headlines(w)) for w in a.workdirs]
+        if a.untrained:
+            columns.append((f"untrained ({_method(a.untrained)} arch.)",
+                            run_summary.suite_headlines(a.untrained, untrained=True)))
+        empty = [t for t, h in columns if h["seconds"] is None]
+        if empty:
+            print(f"error: no evaluation-suite results (eval/*.json) for: {', '.join(empty)}; run launch/evaluate.py "
+                  "--config=configs/eval/suite.py:demo --checkpoint=<run> first", file=sys.stderr)
+            return 2
+        md = run_summary.suite_table(columns)
+    else:
+        rows = [run_summary.summarize(w, _benchmark_for(w, a.benchmarks)) for w in a.workdirs]
+        md = run_summary.markdown_table(rows)
     print(md)
     if a.out:
         with open(a.out, "w") as f:

@@ -38,4 +38,5 @@ def _evaluate():
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from medvlp_jax.app import parse_flags
+    app.run(main, flags_parser=parse_flags)

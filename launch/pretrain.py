@@ -31,4 +31,5 @@ def _train():
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from medvlp_jax.app import parse_flags
+    app.run(main, flags_parser=parse_flags)

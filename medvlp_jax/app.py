@@ -69,6 +69,47 @@ def quiet_non_main_process() -> None:
         pass
 
 
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[-1] if lines else str(text)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing for ``app.run(main, flags_parser=parse_flags)``: a bad flag ends with one line, exit 2.
+
+    absl's own parser prints the whole traceback of a config file's ``get_config`` (e.g. an unknown variant in
+    ``--config=configs/mgca.py:nonsense``); this prints the flag and the error's last line instead.
+    """
+    from absl import flags
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        flag = first.split(": Error whilst parsing config file")[0].rstrip(":")
+        detail = _last_line(e)
+        message = detail if detail.startswith(flag) else f"{flag}: {detail}"
+        print(f"error: {message}\nPass --helpshort to see the flags.", file=sys.stderr)
+        sys.exit(2)
+    except (AttributeError, KeyError) as e:   # an override of a field the config does not have
+        key = _last_line(e).strip("\"'")
+        culprits = [a for a in argv[1:] if a.startswith("--") and "." in a.split("=")[0]
+                    and key in a.split("=")[0].split(".")]
+        print(f"error: the config has no field {key!r} (in {' '.join(culprits) or 'a --config.* override'}); "
+              "see the config file for its fields", file=sys.stderr)
+        sys.exit(2)
+
+
+def _config_load_error(e: OSError) -> str | None:
+    """The one-line cause of an ml_collections config file that failed to load (None for other OSErrors)."""
+    text = str(e)
+    if "Failed loading config file" not in text:
+        return None
+    attempted = [line.strip() for line in text.splitlines()[1:] if line.strip() and not line.strip().startswith(
+        ("Attempted", "["))]
+    path = attempted[0] if attempted else "?"
+    return f"cannot load config file {path!r}: {_last_line(text)}"
+
+
 def run_main(fn: Callable[[], object]) -> None:
     """Runs a launcher body; configuration and input errors end with one clear line and exit code 2.
 
@@ -86,6 +127,12 @@ def run_main(fn: Callable[[], object]) -> None:
         sys.exit(2)
     except (FileNotFoundError, KeyError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:                     # --config file missing or unreadable (ml_collections defers it)
+        message = _config_load_error(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except BadRecordError as e:
         print(f"error: {e}", file=sys.stderr)

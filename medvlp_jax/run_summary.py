@@ -98,3 +98,52 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         lines.append("")
         lines.append("Chance R@1 (i2t, strict pairing): " + ", ".join(f"{c:.2%}" for c in sorted(chance)) + ".")
     return "\n".join(lines)
+
+
+# The headline metric of each evaluation-suite protocol: (row title, eval/<file>.json, key, format).
+SUITE_ROWS = (
+    ("zero-shot macro AUROC", "zero_shot", "macro_auroc", "{:.3f}"),
+    ("retrieval i2t R@1 (same-text duplicates count)", "retrieval", "i2t/R@1", "{:.3f}"),
+    ("retrieval i2t R@10", "retrieval", "i2t/R@10", "{:.3f}"),
+    ("retrieval class P@10 i2t (single-label images)", "retrieval", "class_i2t/P@10", "{:.3f}"),
+    *((f"linear probe macro AUROC, {p} labels", "linear_probe", f"{p}/macro_auroc", "{:.3f}")
+      for p in ("1%", "10%", "100%")),
+    *((f"fine-tune macro AUROC, {p} labels", "finetune", f"{p}/macro_auroc", "{:.3f}") for p in ("1%", "10%", "100%")),
+    *((f"segmentation Dice, {p}", "segmentation", f"{p}/dice", "{:.3f}") for p in ("1%", "10%", "100%")),
+    *((f"detection mAP@[.40:.75], {p}", "detection", f"{p}/map", "{:.3f}") for p in ("1%", "10%", "100%")),
+    ("grounding pointing game", "grounding", "pointing_game", "{:.3f}"),
+    ("grounding CNR", "grounding", "cnr", "{:.3f}"),
+    ("grounding mIoU", "grounding", "miou", "{:.3f}"),
+)
+
+
+def suite_headlines(workdir: str, untrained: bool = False) -> dict[str, Any]:
+    """Headline figures of ``launch/evaluate.py --config=configs/eval/suite.py`` for one run.
+
+    Reads ``<workdir>/eval/<protocol>.json`` (``<protocol>_untrained.json`` with ``untrained``). Returns
+    {row title: value or None, "seconds": summed protocol/seconds or None}.
+    """
+    out: dict[str, Any] = {}
+    seconds = []
+    suffix = "_untrained" if untrained else ""
+    for protocol in dict.fromkeys(name for _, name, _, _ in SUITE_ROWS):
+        d = _read_json(os.path.join(workdir, "eval", f"{protocol}{suffix}.json"))
+        if d is not None and d.get("protocol/seconds") is not None:
+            seconds.append(float(d["protocol/seconds"]))
+        for title, name, key, _ in SUITE_ROWS:
+            if name == protocol:
+                out[title] = None if d is None else d.get(key)
+    out["seconds"] = sum(seconds) if seconds else None
+    return out
+
+
+def suite_table(columns: list[tuple[str, dict[str, Any]]]) -> str:
+    """A metric x run Markdown table of ``suite_headlines`` results, one (column title, headlines) per run."""
+    lines = ["| metric (demo test split) | " + " | ".join(t for t, _ in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for title, _, _, fmt in SUITE_ROWS:
+        cells = ["-" if h.get(title) is None else fmt.format(h[title]) for _, h in columns]
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    minutes = ["-" if h.get("seconds") is None else f"{h['seconds'] / 60:.1f}" for _, h in columns]
+    lines.append("| evaluator minutes (sum of protocol/seconds) | " + " | ".join(minutes) + " |")
+    return "\n".join(lines)

@@ -82,3 +82,24 @@ def test_launcher_prints_one_error_line_for_paper_config_without_data(tmp_path):
     assert proc.returncode == 2
     err = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(err) == 1 and "prepare_data.py mimic_cxr" in err[0]
+
+
+@pytest.mark.parametrize("launcher,args,expected", [
+    ("pretrain.py", ["--config=configs/nonexistent.py", "--workdir=WORK"],
+     "cannot load config file 'configs/nonexistent.py': [Errno 2] No such file or directory"),
+    ("pretrain.py", ["--config=configs/convirt.py:nonsense", "--workdir=WORK"],
+     "unknown config variant 'nonsense'; known: ['paper', 'demo', 'test']"),
+    ("pretrain.py", ["--config=configs/convirt.py:demo", "--workdir=WORK", "--config.train.nosuch=3"],
+     "the config has no field 'nosuch' (in --config.train.nosuch=3)"),
+    ("evaluate.py", ["--config=configs/eval/nope.py", "--checkpoint=WORK"], "cannot load config file"),
+    ("benchmark.py", ["--config=configs/nope.py"], "cannot load config file 'configs/nope.py'"),
+])
+def test_launchers_bad_config_flags_end_with_one_line(tmp_path, launcher, args, expected):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(helpers.ROOT, "launch", launcher)]
+        + [a.replace("WORK", str(tmp_path)) for a in args],
+        capture_output=True, text=True, cwd=helpers.ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    err = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and expected in err[0], proc.stderr[-2000:]

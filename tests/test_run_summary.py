@@ -63,3 +63,54 @@ def test_cli(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "compare_runs.py"), str(tmp_path / "nope")],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "no config.json" in r.stderr
+
+
+def _suite_files(w, suffix="", scale=1.0):
+    """Hand-written eval/<protocol><suffix>.json files: each headline value and 60 s per protocol."""
+    files = {
+        "zero_shot": {"macro_auroc": 0.7 * scale, "auroc/nodule": 0.1},
+        "retrieval": {"i2t/R@1": 0.04 * scale, "i2t/R@10": 0.2, "class_i2t/P@10": 0.5, "t2i/R@1": 0.9},
+        "linear_probe": {"1%/macro_auroc": 0.45, "10%/macro_auroc": 0.75, "100%/macro_auroc": 0.85},
+        "finetune": {"1%/macro_auroc": 0.4, "10%/macro_auroc": 0.6},                    # 100% missing
+        "segmentation": {"1%/dice": 0.5, "10%/dice": 0.6, "100%/dice": 0.7, "1%/val_dice": 0.99},
+        "detection": {"1%/map": 0.0, "10%/map": 0.08, "100%/map": 0.3, "100%/ap50": 0.99},
+        "grounding": {"pointing_game": 0.125, "cnr": 0.5, "miou": 0.13},
+    }
+    for name, d in files.items():
+        d["protocol/seconds"] = 60.0
+        (w / "eval" / f"{name}{suffix}.json").write_text(json.dumps(d))
+
+
+def test_suite_headlines_and_table(tmp_path):
+    from medvlp_jax import run_summary
+    w, _ = _workdir(tmp_path)
+    _suite_files(tmp_path / "convirt_demo")
+    _suite_files(tmp_path / "convirt_demo", suffix="_untrained", scale=0.5)
+    h = run_summary.suite_headlines(w)
+    assert h["zero-shot macro AUROC"] == 0.7 and h["retrieval i2t R@1 (same-text duplicates count)"] == 0.04
+    assert h["detection mAP@[.40:.75], 100%"] == 0.3 and h["grounding pointing game"] == 0.125
+    assert h["fine-tune macro AUROC, 100% labels"] is None
+    assert h["seconds"] == pytest.approx(7 * 60.0)
+    u = run_summary.suite_headlines(w, untrained=True)
+    assert u["zero-shot macro AUROC"] == pytest.approx(0.35)
+    md = run_summary.suite_table([("convirt", h), ("untrained", u)])
+    assert "| zero-shot macro AUROC | 0.700 | 0.350 |" in md
+    assert "| fine-tune macro AUROC, 100% labels | - | - |" in md
+    assert "| evaluator minutes (sum of protocol/seconds) | 7.0 | 7.0 |" in md
+    assert len(md.splitlines()) == 2 + len(run_summary.SUITE_ROWS) + 1
+
+
+def test_cli_suite(tmp_path):
+    w, _ = _workdir(tmp_path)
+    cli = [sys.executable, os.path.join(ROOT, "launch", "compare_runs.py")]
+    r = subprocess.run(cli + [w, "--suite"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "no evaluation-suite results" in r.stderr and "convirt" in r.stderr
+    _suite_files(tmp_path / "convirt_demo")
+    _suite_files(tmp_path / "convirt_demo", suffix="_untrained", scale=0.5)
+    r = subprocess.run(cli + [w, "--suite", f"--untrained={w}"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "| metric (demo test split) | convirt | untrained (convirt arch.) |" in r.stdout
+    assert "| retrieval i2t R@1 (same-text duplicates count) | 0.040 | 0.020 |" in r.stdout
+    r = subprocess.run(cli + [w, f"--untrained={w}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "--untrained needs --suite" in r.stderr
