@@ -111,9 +111,13 @@ SUITE_ROWS = (
     *((f"fine-tune macro AUROC, {p} labels", "finetune", f"{p}/macro_auroc", "{:.3f}") for p in ("1%", "10%", "100%")),
     *((f"segmentation Dice, {p}", "segmentation", f"{p}/dice", "{:.3f}") for p in ("1%", "10%", "100%")),
     *((f"detection mAP@[.40:.75], {p}", "detection", f"{p}/map", "{:.3f}") for p in ("1%", "10%", "100%")),
-    ("grounding pointing game", "grounding", "pointing_game", "{:.3f}"),
-    ("grounding CNR", "grounding", "cnr", "{:.3f}"),
-    ("grounding mIoU", "grounding", "miou", "{:.3f}"),
+    ("grounding pointing game (method's own maps)", "grounding", "pointing_game", "{:.3f}"),
+    ("grounding CNR (method's own maps)", "grounding", "cnr", "{:.3f}"),
+    ("grounding mIoU (method's own maps)", "grounding", "miou", "{:.3f}"),
+    ("grounding pointing game (phrase-patch cosine)", "grounding", "cosine/pointing_game", "{:.3f}"),
+    ("grounding CNR (phrase-patch cosine)", "grounding", "cosine/cnr", "{:.3f}"),
+    ("grounding mIoU (phrase-patch cosine)", "grounding", "cosine/miou", "{:.3f}"),
+    ("grounding pointing game, random-peak chance", "grounding", "pointing_game_chance", "{:.3f}"),
 )
 
 

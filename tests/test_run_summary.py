@@ -88,7 +88,7 @@ def test_suite_headlines_and_table(tmp_path):
     _suite_files(tmp_path / "convirt_demo", suffix="_untrained", scale=0.5)
     h = run_summary.suite_headlines(w)
     assert h["zero-shot macro AUROC"] == 0.7 and h["retrieval i2t R@1 (same-text duplicates count)"] == 0.04
-    assert h["detection mAP@[.40:.75], 100%"] == 0.3 and h["grounding pointing game"] == 0.125
+    assert h["detection mAP@[.40:.75], 100%"] == 0.3 and h["grounding pointing game (method's own maps)"] == 0.125
     assert h["fine-tune macro AUROC, 100% labels"] is None
     assert h["seconds"] == pytest.approx(7 * 60.0)
     u = run_summary.suite_headlines(w, untrained=True)

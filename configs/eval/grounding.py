@@ -31,6 +31,7 @@ def grounding_config(preset: str = "demo", root: str = "") -> ml_collections.Con
     c.batch_size = 0                   # (image, phrase) rows per forward call (0: the checkpoint's batch)
     c.seed = 0                         # unused (no training); part of every evaluator config
     c.map = "auto"                     # auto | objective | cosine
+    c.also_cosine = True               # also score the phrase-patch cosine maps (cosine/* keys)
     c.num_heatmaps = 8                 # figures written to heatmaps_dir (0: none)
     c.heatmaps_dir = ""                # "" = <checkpoint>/eval/heatmaps
     c.limit_examples = 0

@@ -18,7 +18,12 @@ the boxes, in the crop's coordinates (same resize / pad / centre crop as the ima
   ``miou``: IoU of the min-max normalised map thresholded at 0.1..0.5 with the boxes' union, averaged
   (``metrics.miou_at_thresholds``).
 
-Results: means over phrases, per finding name (``cnr/<name>``, ...), and protocol facts. A few figures
+``cfg.also_cosine`` (default True) adds the cosine maps' scores as ``cosine/cnr``, ``cosine/pointing_game``,
+``cosine/miou`` (and per finding) whatever ``map`` is, so every method is also scored on the MS-CXR protocol
+(a method's own maps can collapse onto one region while its embeddings still localise: GLoRIA's demo run).
+
+Results: means over phrases, per finding name (``cnr/<name>``, ...), ``pointing_game_chance`` (the share of
+the image the boxes cover: a randomly placed maximum's hit rate), and protocol facts. A few figures
 (image, one panel per phrase with its box) go to ``cfg.heatmaps_dir`` (default ``<workdir>/eval/heatmaps/``,
 ``eval/heatmaps_untrained/`` for the untrained baseline;
 ``cfg.num_heatmaps`` of them).
@@ -133,10 +138,15 @@ def box_masks(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def score_map(sim_map: np.ndarray, boxes: np.ndarray) -> dict[str, float]:
-    """CNR, pointing game and mIoU of one image-sized map [h, w] against its boxes [k, 4] (fractions)."""
+    """CNR, pointing game and mIoU of one image-sized map [h, w] against its boxes [k, 4] (fractions).
+
+    Also ``pointing_game_chance``: the share of the map's pixels inside the boxes' union, the pointing-game hit
+    rate of a map whose maximum falls on a uniformly random pixel.
+    """
     masks = box_masks(boxes, *sim_map.shape)
     return {"cnr": metrics.cnr(sim_map, masks), "pointing_game": float(metrics.pointing_game(sim_map, masks)),
-            "miou": metrics.miou_at_thresholds(sim_map, masks)}
+            "miou": metrics.miou_at_thresholds(sim_map, masks),
+            "pointing_game_chance": float(masks.any(axis=0).mean())}
 
 
 def aggregate(scores: list[dict[str, float]], names: list[str]) -> dict[str, Any]:
@@ -198,7 +208,15 @@ def evaluate(run, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     mode = resolve_mode(run, cfg.get("map", "auto"))
     batch_size = int(cfg.get("batch_size", 0) or config.train.batch_size)
     queries, maps, scores = ground_split(run, split, mode=mode, batch_size=batch_size)
-    res: dict[str, Any] = aggregate(scores, [q.name for q in queries])
+    names = [q.name for q in queries]
+    res: dict[str, Any] = aggregate(scores, names)
+    if cfg.get("also_cosine", True):
+        # The phrase-patch cosine maps' scores beside the method's own maps (the same figures when the map is
+        # already the cosine), so methods with and without local maps compare on one protocol.
+        cos_scores = scores if mode == "cosine" else ground_split(run, split, mode="cosine",
+                                                                  batch_size=batch_size)[2]
+        res.update({f"cosine/{k}": v for k, v in aggregate(cos_scores, names).items()
+                    if not k.startswith(("protocol/", "pointing_game_chance"))})
     res.update({
         "protocol/data": info.get("name", ""), "protocol/root": config.data.root,
         "protocol/split": split.split, "protocol/num_images": len(split),

@@ -26,6 +26,10 @@ def test_map_peaking_inside_the_box_scores_well():
     m[8:24, 16:32] = 1.0
     exact = score_map(m, box)
     assert exact["pointing_game"] == 1.0 and exact["miou"] == pytest.approx(1.0) and exact["cnr"] == np.inf
+    # Chance of the pointing game: the box covers 16 x 16 of 32 x 32 pixels; two overlapping boxes count once.
+    assert exact["pointing_game_chance"] == 0.25
+    two = score_map(m, np.array([[0.25, 0.5, 0.75, 1.0], [0.5, 0.5, 1.0, 1.0]]))   # rows 8..31, cols 16..31
+    assert two["pointing_game_chance"] == pytest.approx(24 * 16 / 1024)
 
 
 def _split(phrases, names, boxes, size=8):
@@ -109,6 +113,10 @@ def test_evaluate_on_the_synthetic_run(syn_run):
     for name in [""] + [f"/{n}" for n in synthetic._PHRASES]:
         assert res[f"cnr{name}"] >= 0 and 0 <= res[f"pointing_game{name}"] <= 1 and 0 <= res[f"miou{name}"] <= 1
     assert "protocol/heatmaps" in res, sorted(k for k in res if k.startswith("protocol/"))
+    # The map is already the cosine: the cosine/ keys repeat the main figures; the chance is the boxes' share.
+    assert res["cosine/cnr"] == res["cnr"] and res["cosine/pointing_game"] == res["pointing_game"]
+    assert "cosine/protocol/num_phrases" not in res and "cosine/pointing_game_chance" not in res
+    assert 0 < res["pointing_game_chance"] < 1
     out_dir = res["protocol/heatmaps"].split(" PNG in ", 1)[1]
     pngs = sorted(os.listdir(out_dir))
     assert len(pngs) >= 2 and all(p.endswith(".png") for p in pngs)
@@ -143,3 +151,33 @@ def test_evaluate_rewards_a_map_that_finds_the_box(syn_run, monkeypatch):
     res = grounding.evaluate(syn_run, ml_collections.ConfigDict(dict(data=evaluators.default_data(),
                                                                     num_heatmaps=0)))
     assert res["pointing_game"] == 1.0 and res["miou"] > 0.8 and res["cnr"] > 1.0
+
+
+def test_objective_maps_are_also_scored_as_cosine_maps(syn_run):
+    """A method with its own maps: the main keys score those, cosine/* the phrase-patch cosine maps."""
+    import jax.numpy as jnp
+    import ml_collections
+    from medvlp_jax import evaluators
+    from medvlp_jax.evaluators import grounding
+
+    def corner_maps(method_params, out):            # every word points at patch 0 (the top-left corner)
+        b, t, p = out.word_emb.shape[0], out.word_emb.shape[1], out.patch_emb.shape[1]
+        return jnp.broadcast_to(jax_onehot(p)[None, None], (b, t, p))
+
+    def jax_onehot(p):
+        return jnp.zeros((p,)).at[0].set(1.0)
+
+    run = dataclasses.replace(syn_run, objective=syn_run.objective._replace(similarity_maps=corner_maps))
+    cfg = ml_collections.ConfigDict(dict(data=evaluators.default_data(), seed=0, map="auto", num_heatmaps=0))
+    res = grounding.evaluate(run, cfg)
+    cosine = grounding.evaluate(syn_run, cfg)
+    assert res["protocol/map"] == "objective"
+    for k in ("cnr", "pointing_game", "miou"):
+        assert res[f"cosine/{k}"] == pytest.approx(cosine[k])
+    # The corner map's maximum is the top-left pixel: a hit exactly when one of the phrase's boxes covers it.
+    from medvlp_jax.evaluators.segmentation import read_localized_split
+    split = read_localized_split(evaluators.eval_config(syn_run, cfg), "test")
+    hits = [grounding.box_masks(q.boxes, split.size, split.size)[:, 0, 0].any() for q in grounding.phrase_queries(split)]
+    assert res["pointing_game"] == pytest.approx(np.mean(hits))
+    cfg.also_cosine = False
+    assert not any(k.startswith("cosine/") for k in grounding.evaluate(run, cfg))
