@@ -6,7 +6,7 @@
 
 With --suite, the table is the evaluation suite's headline metrics (one column per run, from
 ``launch/evaluate.py --config=configs/eval/suite.py:demo --checkpoint=<run>``); --untrained=<run> adds the column
-of that run's ``--untrained`` suite (the same architecture at initialisation).
+of that run's ``--untrained`` suite (the same architecture at initialisation); repeat it for several.
 
 For the untrained column, first run ``python launch/evaluate.py --config=configs/eval/quick.py
 --checkpoint=<run> --untrained``; for FLOPs, ``python launch/benchmark.py --config=configs/<method>.py:demo``
@@ -44,9 +44,10 @@ def main(argv=None) -> int:
     p.add_argument("--benchmarks", default=None, help="directory of launch/benchmark.py JSON files")
     p.add_argument("--out", default=None, help="also write the table to this Markdown file")
     p.add_argument("--suite", action="store_true", help="tabulate the evaluation suite's headline metrics")
-    p.add_argument("--untrained", default=None, help="with --suite: add this run's untrained-suite column")
+    p.add_argument("--untrained", action="append", default=[],
+                   help="with --suite: add this run's untrained-suite column (repeatable)")
     a = p.parse_args(argv)
-    for w in a.workdirs + ([a.untrained] if a.untrained else []):
+    for w in a.workdirs + a.untrained:
         if not os.path.exists(os.path.join(w, "config.json")):
             print(f"error: {w!r} is not a pretraining workdir (no config.json)", file=sys.stderr)
             return 2
@@ -55,9 +56,8 @@ def main(argv=None) -> int:
         return 2
     if a.suite:
         columns = [(_method(w), run_summary.suite_headlines(w)) for w in a.workdirs]
-        if a.untrained:
-            columns.append((f"untrained ({_method(a.untrained)} arch.)",
-                            run_summary.suite_headlines(a.untrained, untrained=True)))
+        columns += [(f"untrained ({_method(w)} arch.)", run_summary.suite_headlines(w, untrained=True))
+                    for w in a.untrained]
         empty = [t for t, h in columns if h["seconds"] is None]
         if empty:
             print(f"error: no evaluation-suite results (eval/*.json) for: {', '.join(empty)}; run launch/evaluate.py "
