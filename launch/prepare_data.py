@@ -7,6 +7,7 @@
   python launch/prepare_data.py siim --source=/data/siim-acr --out=data/siim
   python launch/prepare_data.py covidx --source=/data/covidx --out=data/covidx
   python launch/prepare_data.py ms_cxr --source=/data/ms-cxr --images=/data/mimic-cxr-jpg/2.0.0 --out=data/ms_cxr
+  python launch/prepare_data.py object_cxr --source=/data/object-CXR --out=data/object_cxr
   python launch/prepare_data.py synthetic --out=/tmp/syn                    # tiny, for smoke tests
 
 Each converter reads the official download layout (see README "Data") and prints counts and the reasons
@@ -27,6 +28,7 @@ CONVERTERS = {   # name -> (module, function); imported lazily so one broken rea
     "siim": ("medvlp_jax.data.sources.siim", "prepare_siim"),
     "covidx": ("medvlp_jax.data.sources.covidx", "prepare_covidx"),
     "ms_cxr": ("medvlp_jax.data.sources.ms_cxr", "prepare_ms_cxr"),
+    "object_cxr": ("medvlp_jax.data.sources.object_cxr", "prepare_object_cxr"),
 }
 
 

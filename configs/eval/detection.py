@@ -3,6 +3,7 @@
   python launch/evaluate.py --config=configs/eval/detection.py --checkpoint=runs/convirt_demo   # its own data
   python launch/evaluate.py --config=configs/eval/detection.py:rsna --checkpoint=runs/mgca
   python launch/evaluate.py --config=configs/eval/detection.py:rsna,root=/data/prepared/rsna --checkpoint=runs/mgca
+  python launch/evaluate.py --config=configs/eval/detection.py:object_cxr --checkpoint=runs/mgca
   ... --config.detection.classes=per_name --config.detection.score_threshold=0.05
 
 Protocol (medvlp_jax/evaluators/detection.py): CenterNet head (single scale, two x2 upsampling stages) on the
@@ -15,6 +16,8 @@ Presets (data prepared with launch/prepare_data.py; ``root=`` points elsewhere):
   demo   the checkpoint's own data, one class per finding name (demo: the drawn findings), one trunk stage
          (output stride 8), head width 32, <= 20 epochs, patience 5 (minutes on a CPU).
   rsna   data/rsna: pneumonia boxes, one class; batch 16 (MGCA: 8 at 1%).
+  object_cxr  data/object_cxr: foreign-object boxes (ellipses and polygons as their boxes), one class;
+         batch 16; the official dev images are the test split (MGCA's protocol).
   fast   the checkpoint's own data, one class, 100% only, 2 epochs, tiny head: a smoke test (CI, notebooks).
 Results: <checkpoint>/eval/detection.json ("1%/map", "1%/map_mgca", "1%/ap50", [".../map/<class>"], protocol/...).
 """
@@ -22,8 +25,8 @@ import ml_collections
 
 from medvlp_jax import evaluators
 
-PRESETS = ("demo", "rsna", "fast")
-ROOTS = {"demo": "", "rsna": "data/rsna", "fast": ""}
+PRESETS = ("demo", "rsna", "object_cxr", "fast")
+ROOTS = {"demo": "", "rsna": "data/rsna", "object_cxr": "data/object_cxr", "fast": ""}
 
 
 def detection_config(preset: str = "demo", root: str = "") -> ml_collections.ConfigDict:

@@ -145,3 +145,47 @@ def test_detector_learns_the_synthetic_boxes(syn_run):
                                          head_batch_size=8, epochs=60, patience=60, score_threshold=0.3))
     res = detection.evaluate(syn_run, cfg)
     assert res["100%/map"] > 0.8
+
+
+def test_object_cxr_preset_reads_what_prepare_data_writes(syn_run, tmp_path):
+    """Object-CXR release layout -> launch/prepare_data.py object_cxr -> the detection evaluator on it."""
+    import os
+    import subprocess
+    import sys
+    import ml_collections
+    from PIL import Image
+    from medvlp_jax import evaluators
+    from medvlp_jax.evaluators import detection
+    from tests import helpers
+    src = tmp_path / "object-CXR"
+    rng = np.random.default_rng(0)
+    for csv_name, folder, n in (("train.csv", "train", 20), ("dev.csv", "dev", 6)):
+        (src / folder).mkdir(parents=True)
+        rows = ["image_name,annotation"]
+        for k in range(n):
+            name = f"{folder}{k:03d}.jpg"
+            px = rng.integers(0, 60, (96, 64)).astype(np.uint8)
+            x0, y0 = int(rng.integers(0, 40)), int(rng.integers(0, 60))
+            px[y0:y0 + 20, x0:x0 + 20] = 250                      # the foreign object: a bright square
+            Image.fromarray(px).save(src / folder / name, format="JPEG")
+            rows.append(f"{name},0 {x0} {y0} {x0 + 20} {y0 + 20}" if k % 4 else f"{name},")
+            if k % 4 == 0:
+                px[y0:y0 + 20, x0:x0 + 20] = 0
+                Image.fromarray(px).save(src / folder / name, format="JPEG")
+        (src / csv_name).write_text("\n".join(rows) + "\n")
+    out = tmp_path / "object_cxr"
+    proc = subprocess.run([sys.executable, os.path.join(helpers.ROOT, "launch", "prepare_data.py"), "object_cxr",
+                           f"--source={src}", f"--out={out}", "--image_size=32", "--num_shards=2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("detection_cfg", os.path.join(helpers.ROOT, "configs", "eval",
+                                                                                 "detection.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config(f"object_cxr,root={out}").detection
+    cfg.update(dict(fractions=(1.0,), trunk_widths=(8,), head_width=8, epochs=1, patience=1))
+    res = detection.evaluate(syn_run, cfg)
+    assert res["protocol/classes"] == "finding" and res["protocol/root"] == str(out)
+    assert res["protocol/100%/num_train_images"] == 18 and res["protocol/num_test_images"] == 6   # 90/10; dev
+    assert res["protocol/num_test_boxes"] == 4 and 0.0 <= res["100%/map"] <= 1.0
