@@ -33,11 +33,6 @@ def _benchmark_for(workdir: str, bench_dir: str | None) -> str | None:
     return hits[0] if hits else None
 
 
-def _method(workdir: str) -> str:
-    with open(os.path.join(workdir, "config.json")) as f:
-        return json.load(f).get("method", {}).get("name", os.path.basename(workdir))
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("workdirs", nargs="+", help="pretraining workdirs")
@@ -55,8 +50,8 @@ def main(argv=None) -> int:
         print("error: --untrained needs --suite", file=sys.stderr)
         return 2
     if a.suite:
-        columns = [(_method(w), run_summary.suite_headlines(w)) for w in a.workdirs]
-        columns += [(f"untrained ({_method(w)} arch.)", run_summary.suite_headlines(w, untrained=True))
+        columns = [(run_summary.method_name(w), run_summary.suite_headlines(w)) for w in a.workdirs]
+        columns += [(f"untrained ({run_summary.method_name(w)} arch.)", run_summary.suite_headlines(w, untrained=True))
                     for w in a.untrained]
         empty = [t for t, h in columns if h["seconds"] is None]
         if empty:

@@ -94,8 +94,10 @@ def parse_flags(argv: list[str]) -> list[str]:
         key = _last_line(e).strip("\"'")
         culprits = [a for a in argv[1:] if a.startswith("--") and "." in a.split("=")[0]
                     and key in a.split("=")[0].split(".")]
-        print(f"error: the config has no field {key!r} (in {' '.join(culprits) or 'a --config.* override'}); "
-              "see the config file for its fields", file=sys.stderr)
+        if not culprits:                      # raised by the config file itself: its traceback is the message
+            raise
+        print(f"error: the config has no field {key!r} (in {' '.join(culprits)}); see the config file for its "
+              "fields", file=sys.stderr)
         sys.exit(2)
 
 

@@ -336,13 +336,14 @@ def time_step(config, *, devices: Optional[Sequence[jax.Device]] = None, steps: 
         if i >= warmup:
             times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
-    per_device = _cost_flops(compiled)
-    flops = per_device * len(devices) if per_device is not None else None
     unrolled, changed = unrolled_config(config)
-    flops_source = "compiled step"
     if changed:                 # loops in the step: count the FLOPs on the loop-free variant (unrolled_config)
         flops = model_flops(unrolled, devices)
         flops_source = "loop-free variant: " + ", ".join(changed)
+    else:
+        per_device = _cost_flops(compiled)
+        flops = per_device * len(devices) if per_device is not None else None
+        flops_source = "compiled step"
     achieved = flops / step_s if flops is not None else None
     if peak is None:                            # CPU: measured now, under the load the steps just saw
         peak, _ = peak_flops(devices[0])

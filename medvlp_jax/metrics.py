@@ -21,7 +21,7 @@ Conventions:
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -331,6 +331,18 @@ def _similarity_and_gt(sim, gt) -> tuple[np.ndarray, np.ndarray]:
     if missing.size:
         raise ValueError(f"{missing.size} queries have no correct candidate (first: {missing[:5].tolist()})")
     return s, g
+
+
+def group_matrix(keys: list) -> np.ndarray:
+    """[n, n] bool: examples i and j have equal keys (hashable); a hit set (``gt``) for the retrieval metrics."""
+    ids: dict[Any, int] = {}
+    group = np.array([ids.setdefault(k, len(ids)) for k in keys], dtype=np.int64)
+    return group[:, None] == group[None, :]
+
+
+def same_text_matrix(texts: list[str]) -> np.ndarray:
+    """[n, n] bool: texts i and j are identical after whitespace normalisation (diagonal always True)."""
+    return group_matrix([" ".join(t.lower().split()) for t in texts])
 
 
 def retrieval_ranks(sim, gt=None) -> np.ndarray:

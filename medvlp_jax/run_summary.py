@@ -46,6 +46,12 @@ def _read_json(path: str) -> Optional[dict[str, Any]]:
         return json.load(f)
 
 
+def method_name(workdir: str) -> str:
+    """The method a run trained (``config.json``), or the workdir's name when that is unreadable."""
+    config = _read_json(os.path.join(workdir, "config.json")) or {}
+    return config.get("method", {}).get("name", os.path.basename(workdir))
+
+
 def summarize(workdir: str, benchmark_json: Optional[str] = None) -> dict[str, Any]:
     """The summary row of one run (missing pieces are None).
 
@@ -54,10 +60,8 @@ def summarize(workdir: str, benchmark_json: Optional[str] = None) -> dict[str, A
     s_per_step (median over log intervals after the first, which holds the compilation), bench_s_per_step,
     gflop_per_step.
     """
-    config = _read_json(os.path.join(workdir, "config.json")) or {}
     rows = [r for r in read_metrics(workdir) if "train/loss" in r]
-    method = config.get("method", {}).get("name", os.path.basename(workdir))
-    out: dict[str, Any] = {"workdir": workdir, "method": method}
+    out: dict[str, Any] = {"workdir": workdir, "method": method_name(workdir)}
     out["steps"] = int(rows[-1]["step"]) if rows else None
     out["loss_first"] = rows[0]["train/loss"] if rows else None
     out["loss_last"] = rows[-1]["train/loss"] if rows else None

@@ -103,3 +103,15 @@ def test_launchers_bad_config_flags_end_with_one_line(tmp_path, launcher, args, 
     assert "Traceback" not in proc.stderr
     err = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(err) == 1 and expected in err[0], proc.stderr[-2000:]
+
+
+def test_a_config_files_own_attribute_error_is_not_reported_as_an_override(tmp_path):
+    """Only a --config.* override names a missing field; a bug inside get_config keeps its traceback."""
+    bad = tmp_path / "broken.py"
+    bad.write_text("def get_config(arg=None):\n    return object().no_such_attribute\n")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(helpers.ROOT, "launch", "pretrain.py"), f"--config={bad}",
+         f"--workdir={tmp_path / 'w'}"],
+        capture_output=True, text=True, cwd=helpers.ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    assert proc.returncode not in (0, 2)
+    assert "no_such_attribute" in proc.stderr and "the config has no field" not in proc.stderr

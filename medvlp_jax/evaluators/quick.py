@@ -49,13 +49,6 @@ def class_embeddings(config, model, variables, mesh, tokenizer, prompts: dict[st
     return np.stack(out)
 
 
-def group_matrix(keys: list) -> np.ndarray:
-    """[n, n] bool: examples i and j have equal keys (hashable)."""
-    ids: dict[Any, int] = {}
-    group = np.array([ids.setdefault(k, len(ids)) for k in keys], dtype=np.int64)
-    return group[:, None] == group[None, :]
-
-
 def evaluate_embeddings(emb: dict[str, Any], class_emb: np.ndarray, class_names: list[str],
                         reports: list[str] | None = None,
                         finding_names: list[list[str]] | None = None) -> dict[str, float]:
@@ -73,10 +66,9 @@ def evaluate_embeddings(emb: dict[str, Any], class_emb: np.ndarray, class_names:
     res: dict[str, float] = {}
     hit_sets = {"retrieval": np.eye(n, dtype=bool)}
     if reports is not None:
-        from medvlp_jax.evaluators.retrieval import same_text_matrix
-        hit_sets["retrieval_same_text"] = same_text_matrix(reports)
+        hit_sets["retrieval_same_text"] = metrics.same_text_matrix(reports)
     if finding_names is not None:
-        same = group_matrix([tuple(sorted(f)) for f in finding_names])
+        same = metrics.group_matrix([tuple(sorted(f)) for f in finding_names])
         hit_sets["retrieval_same_findings"] = same
         res["retrieval/ceiling_R@1"] = float(np.mean(1.0 / same.sum(axis=1)))
     for prefix, gt in hit_sets.items():

@@ -31,12 +31,6 @@ def read_reports(root: str, split: str) -> dict[int, str]:
     return {int(i): str(r) for i, r in zip(f["index"], f["report"])}
 
 
-def same_text_matrix(texts: list[str]) -> np.ndarray:
-    """[n, n] bool: texts i and j are identical after whitespace normalisation (diagonal always True)."""
-    from medvlp_jax.evaluators.quick import group_matrix
-    return group_matrix([" ".join(t.lower().split()) for t in texts])
-
-
 def class_precision(sim: np.ndarray, query_cls: np.ndarray, cand_cls: np.ndarray, ks) -> dict[str, float]:
     """{"P@K": ...} for the K <= number of candidates (hit = same class)."""
     return {f"P@{k}": metrics.precision_at_k(sim, query_cls, cand_cls, int(k))
@@ -71,7 +65,7 @@ def evaluate(run, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     if text_side == "reports":
         txt = zero_shot.l2n(emb["txt_emb"].astype(np.float64))
         sim = img @ txt.T
-        gt = same_text_matrix(reports) if cfg.get("duplicate_reports_are_hits", True) else None
+        gt = metrics.same_text_matrix(reports) if cfg.get("duplicate_reports_are_hits", True) else None
         res.update(metrics.retrieval_metrics(sim, gt, ks))
         # Expected R@1 of a random ranking: the fraction of candidates that are hits, averaged over queries.
         res["chance_R@1"] = float(np.mean((np.eye(len(y), dtype=bool) if gt is None else gt).sum(axis=1)) / len(y))

@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medvlp_jax.methods import common as methods_common
 from medvlp_jax.models.bert import Bert
 from medvlp_jax.models.heads import HEAD_KINDS, ProjectionHead
 from medvlp_jax.models.resnet import ResNet
@@ -165,8 +166,7 @@ def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
     As x * rsqrt(max(||x||^2, eps^2)): same values, and a finite gradient at x = 0 (an empty word slot), where
     the derivative of the norm is 0/0 and would turn even a zero cotangent into NaN.
     """
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps * eps))
+    return methods_common.l2_normalize(x.astype(jnp.float32), axis=-1, eps=eps)
 
 
 def token_word_ids(attention_mask: Array) -> Array:

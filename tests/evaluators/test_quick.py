@@ -14,7 +14,7 @@ def _emb(img, txt, labels):
 
 
 def test_group_matrix():
-    from medvlp_jax.evaluators.quick import group_matrix
+    from medvlp_jax.metrics import group_matrix
     m = group_matrix([("a",), (), ("a",), ("a", "b")])
     assert m.tolist() == [[True, False, True, False], [False, True, False, False],
                           [True, False, True, False], [False, False, False, True]]

@@ -7,7 +7,7 @@ from tests.evaluators.conftest import eval_cfg
 
 
 def test_same_text_matrix():
-    from medvlp_jax.evaluators.retrieval import same_text_matrix
+    from medvlp_jax.metrics import same_text_matrix
     m = same_text_matrix(["a b", "A  b", "c", "a b."])
     np.testing.assert_array_equal(m, [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
 
