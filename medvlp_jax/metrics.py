@@ -524,17 +524,19 @@ def iou_per_image(probs, gt, threshold: float = 0.5) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
-def box_to_mask(box, h: int, w: int) -> np.ndarray:
+def box_to_mask(box, h: int, w: int, *, keep_small: bool = True) -> np.ndarray:
     """Rasterises a normalised box ``(ymin, xmin, ymax, xmax)`` (fractions of height/width) to a mask.
 
     A pixel belongs to the box when its centre ``((i + 0.5) / h, (j + 0.5) / w)`` lies inside it (robust
-    to float round-off on pixel edges); a non-degenerate box smaller than a pixel still gets the pixel
-    holding its centre, so no box is lost on a coarse grid.
+    to float round-off on pixel edges); with ``keep_small`` a non-degenerate box smaller than a pixel still
+    gets the pixel holding its centre, so no box is lost on a coarse grid.
 
     Args:
         box: (ymin, xmin, ymax, xmax) with 0 <= min <= max <= 1.
         h: mask height in pixels.
         w: mask width in pixels.
+        keep_small: False: a box that holds no pixel centre stays empty (the mask answers "which pixel
+            centres lie in the box", e.g. which patch centres of a [gh, gw] grid).
 
     Returns:
         bool mask [h, w].
@@ -551,6 +553,8 @@ def box_to_mask(box, h: int, w: int) -> np.ndarray:
     xc = (np.arange(w) + 0.5) / w
     rows = (yc >= ymin) & (yc <= ymax)
     cols = (xc >= xmin) & (xc <= xmax)
+    if not keep_small:
+        return rows[:, None] & cols[None, :]
     if not rows.any():
         rows[min(int((ymin + ymax) / 2 * h), h - 1)] = True
     if not cols.any():

@@ -174,10 +174,12 @@ def test_objective_maps_are_also_scored_as_cosine_maps(syn_run):
     assert res["protocol/map"] == "objective"
     for k in ("cnr", "pointing_game", "miou"):
         assert res[f"cosine/{k}"] == pytest.approx(cosine[k])
-    # The corner map's maximum is the top-left pixel: a hit exactly when one of the phrase's boxes covers it.
+    # The corner map points at the top-left patch's centre ((0.5 / 4) of the crop on the 4x4 grid): a hit
+    # exactly when one of the phrase's boxes holds that point (the crop's opacity box starts at 0.0625).
     from medvlp_jax.evaluators.segmentation import read_localized_split
     split = read_localized_split(evaluators.eval_config(syn_run, cfg), "test")
-    hits = [grounding.box_masks(q.boxes, split.size, split.size)[:, 0, 0].any() for q in grounding.phrase_queries(split)]
-    assert res["pointing_game"] == pytest.approx(np.mean(hits))
+    hits = [any(b[0] <= 0.125 <= b[2] and b[1] <= 0.125 <= b[3] for b in q.boxes)
+            for q in grounding.phrase_queries(split)]
+    assert 0 < np.mean(hits) < 1 and res["pointing_game"] == pytest.approx(np.mean(hits))
     cfg.also_cosine = False
     assert not any(k.startswith("cosine/") for k in grounding.evaluate(run, cfg))
