@@ -12,6 +12,9 @@ import jax
 
 Array = jax.Array
 Batch = dict[str, Any]   # see medvlp_jax/data/pipeline.py for the keys
+# ((scale_y, offset_y), (scale_x, offset_x)): cell (i, j) of a local feature grid is centred at the fraction
+# (scale_y * i + offset_y, scale_x * j + offset_x) of the input image (see EncoderOutputs.grid_centres).
+GridCentres = tuple[tuple[float, float], tuple[float, float]]
 
 
 @flax.struct.dataclass
@@ -32,6 +35,11 @@ class EncoderOutputs:
       patch_feat: [b, p, w_img] pre-projection local image features (segmentation/detection heads).
       word_feat: [b, t, w_txt] pre-projection local text features.
       grid: (gh, gw) static patch grid, gh * gw == p.
+      grid_centres: static ((scale_y, offset_y), (scale_x, offset_x)): the centre of grid cell (i, j) lies at
+        the fraction (scale_y * i + offset_y, scale_x * j + offset_x) of the input image's height and width
+        (``GridCentres``); None for the half-pixel convention ((i + 0.5) / gh, (j + 0.5) / gw), exact for ViT
+        patches. CNN grids are offset from it (torchvision ResNets: cell i of a stride-s stage is centred on
+        input pixel s * i, not s * (i + 0.5)).
     """
     img_emb: Array
     txt_emb: Array
@@ -46,3 +54,4 @@ class EncoderOutputs:
     patch_feat: Array
     word_feat: Array
     grid: tuple[int, int] = flax.struct.field(pytree_node=False, default=(1, 1))
+    grid_centres: Optional[tuple] = flax.struct.field(pytree_node=False, default=None)

@@ -21,12 +21,27 @@ import numpy as np
 BOX_COLOR = "#00ff66"
 
 
-def upsample_bilinear(grid_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize with half-pixel centres and clamped edges (``jax.image.resize`` 'bilinear' upsampling).
+def cell_centres(n_cells: int, centres: Optional[tuple[float, float]] = None) -> np.ndarray:
+    """[n_cells] centres of a grid axis's cells as fractions of the image side.
+
+    Args:
+        n_cells: cells along the axis.
+        centres: (scale, offset), cell i centred at scale * i + offset (``types.GridCentres`` per axis); None:
+            the half-pixel convention (i + 0.5) / n_cells.
+    """
+    scale, offset = (1.0 / n_cells, 0.5 / n_cells) if centres is None else centres
+    return scale * np.arange(n_cells) + offset
+
+
+def upsample_bilinear(grid_map: np.ndarray, size: tuple[int, int], centres=None) -> np.ndarray:
+    """Bilinear resize with clamped edges; cells sit at their centres (default: half-pixel centres, as
+    ``jax.image.resize`` 'bilinear' upsampling).
 
     Args:
         grid_map: [gh, gw].
         size: (h, w) of the output.
+        centres: ``types.GridCentres`` ((scale_y, offset_y), (scale_x, offset_x)) of the grid's cells, e.g. a
+            CNN's receptive-field centres; None: half-pixel centres.
 
     Returns:
         [h, w] float32.
@@ -35,14 +50,17 @@ def upsample_bilinear(grid_map: np.ndarray, size: tuple[int, int]) -> np.ndarray
     if m.ndim != 2:
         raise ValueError(f"grid_map must be 2-D [gh, gw], got shape {m.shape}")
 
-    def axis_weights(n_in: int, n_out: int):
-        s = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    def axis_weights(n_in: int, n_out: int, axis_centres):
+        scale, offset = (1.0 / n_in, 0.5 / n_in) if axis_centres is None else axis_centres
+        # Output pixel k (centre (k + 0.5) / n_out) in cell units: where it falls between cell centres.
+        s = np.clip(((np.arange(n_out) + 0.5) / n_out - offset) / scale, 0, n_in - 1)
         i0 = np.floor(s).astype(np.int64)
         i1 = np.minimum(i0 + 1, n_in - 1)
         return i0, i1, (s - i0).astype(np.float32)
 
-    y0, y1, wy = axis_weights(m.shape[0], int(size[0]))
-    x0, x1, wx = axis_weights(m.shape[1], int(size[1]))
+    cy, cx = (None, None) if centres is None else centres
+    y0, y1, wy = axis_weights(m.shape[0], int(size[0]), cy)
+    x0, x1, wx = axis_weights(m.shape[1], int(size[1]), cx)
     rows = m[y0] * (1 - wy)[:, None] + m[y1] * wy[:, None]
     return rows[:, x0] * (1 - wx)[None, :] + rows[:, x1] * wx[None, :]
 
@@ -176,7 +194,7 @@ def save_heatmaps(run, split: str = "test", out_dir: Optional[str] = None, n: in
         return []
     grids = grounding.phrase_maps(run, data.images[[q.example for q in queries]], [q.phrase for q in queries],
                                   mode=mode, batch_size=batch_size)
-    maps = np.stack([upsample_bilinear(g, (data.size, data.size)) for g in grids])
+    maps, _ = grounding.upsample_to_crop(run, grids, data.size)
     return grounding.write_heatmaps(data, queries, maps, out_dir or os.path.join(run.workdir, "eval", "heatmaps"), n)
 
 

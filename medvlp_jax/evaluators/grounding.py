@@ -10,7 +10,8 @@ and a map over the patch grid is formed:
   protocol; the only choice for ConVIRT, whose objective has no local maps);
 * ``cfg.map="auto"`` (default): ``objective`` when the method defines maps, else ``cosine``.
 
-The [gh, gw] map is upsampled bilinearly (half-pixel centres) to the evaluation crop and scored against
+The [gh, gw] map is upsampled bilinearly to the evaluation crop, each cell at its receptive-field centre
+(``cfg.grid_alignment``: ALIGNMENTS; half-pixel centres for ViT patches), and scored against
 the boxes, in the crop's coordinates (same resize / pad / centre crop as the images):
 
 * ``cnr``: contrast-to-noise ratio inside vs outside each box, averaged over the phrase's boxes
@@ -51,6 +52,11 @@ from medvlp_jax.evaluators import EVALUATORS, data_info, eval_config
 from medvlp_jax.evaluators.segmentation import LocalizedSplit, batched_apply, read_localized_split
 
 MAP_MODES = ("auto", "objective", "cosine")
+# How grid cells map onto the crop: "encoder" puts each cell at the image tower's receptive-field centre
+# (``EncoderOutputs.grid_centres``: a torchvision ResNet's cells sit half a cell up-left of the half-pixel
+# convention); "half_pixel" assumes (i + 0.5) / g for every encoder, as bilinear upsampling in the reference
+# pipelines does. The two agree for ViT patches.
+ALIGNMENTS = ("encoder", "half_pixel")
 
 
 @dataclasses.dataclass
@@ -113,6 +119,33 @@ def phrase_map_fn(run, mode: str):
     return jax.jit(fn, out_shardings=sharding_lib.replicated(run.mesh))
 
 
+def grid_centres_of(run, image: np.ndarray):
+    """The model's ``EncoderOutputs.grid_centres`` for images shaped like ``image`` [h, w, c] (shapes only).
+
+    None (the half-pixel convention) for ViT patches; a CNN's receptive-field centres otherwise.
+    """
+    tokens = tokenizer_lib.encode(run.tokenizer, ["x"], int(run.config.data.max_text_len))
+    batch = {"image": jax.ShapeDtypeStruct((1, *np.shape(image)), jnp.float32),
+             **{k: jax.ShapeDtypeStruct(np.shape(v), jnp.asarray(v).dtype) for k, v in tokens.items()}}
+    found = []
+
+    def trace(variables, b):       # the centres are static: read them while tracing, compute nothing
+        found.append(getattr(run.model.apply(variables, b, train=False), "grid_centres", None))
+        return 0
+
+    jax.eval_shape(trace, run.variables, batch)
+    return found[0]
+
+
+def upsample_to_crop(run, grids: np.ndarray, size: int, alignment: str = "encoder") -> tuple[np.ndarray, Any]:
+    """[m, size, size] maps from [m, gh, gw] grids and the cell centres used (``alignment`` in ALIGNMENTS)."""
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"grounding.grid_alignment must be one of {ALIGNMENTS}, got {alignment!r}")
+    centres = grid_centres_of(run, np.zeros((size, size, int(run.config.data.channels)), np.float32)) \
+        if alignment == "encoder" and len(grids) else None
+    return np.stack([viz.upsample_bilinear(g, (size, size), centres) for g in grids]), centres
+
+
 def phrase_maps(run, images: np.ndarray, phrases: Sequence[str], *, mode: str = "auto", batch_size: int = 0,
                 max_text_len: Optional[int] = None) -> np.ndarray:
     """Grid similarity maps of phrases over their images.
@@ -143,7 +176,20 @@ def box_masks(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.stack([metrics.box_to_mask(b, height, width) for b in np.asarray(boxes).reshape(-1, 4)])
 
 
-def score_map(sim_map: np.ndarray, boxes: np.ndarray, grid_map: Optional[np.ndarray] = None) -> dict[str, float]:
+def cells_in_box(box: np.ndarray, grid: tuple[int, int], centres=None) -> np.ndarray:
+    """[gh, gw] bool: the grid cells whose centre lies in ``box`` (ymin, xmin, ymax, xmax fractions).
+
+    ``centres``: ``types.GridCentres`` (None: half-pixel centres, where this equals
+    ``metrics.box_to_mask(box, gh, gw, keep_small=False)``).
+    """
+    cy, cx = (None, None) if centres is None else centres
+    ys, xs = viz.cell_centres(grid[0], cy), viz.cell_centres(grid[1], cx)
+    ymin, xmin, ymax, xmax = np.asarray(box, np.float64)
+    return ((ys >= ymin) & (ys <= ymax))[:, None] & ((xs >= xmin) & (xs <= xmax))[None, :]
+
+
+def score_map(sim_map: np.ndarray, boxes: np.ndarray, grid_map: Optional[np.ndarray] = None,
+              centres=None) -> dict[str, float]:
     """CNR, pointing game and mIoU of one image-sized map [h, w] against its boxes [k, 4] (fractions).
 
     Args:
@@ -151,6 +197,7 @@ def score_map(sim_map: np.ndarray, boxes: np.ndarray, grid_map: Optional[np.ndar
         boxes: [k, 4] (ymin, xmin, ymax, xmax) fractions of the crop.
         grid_map: [gh, gw] patch map ``sim_map`` was upsampled from: the pointing game then tests the centres
             of the patches holding its maximum (see module docstring).
+        centres: ``types.GridCentres`` of the grid's cells (None: half-pixel centres).
 
     Returns:
         cnr, pointing_game, miou, and ``pointing_game_chance``: the share of the points the pointing game can
@@ -162,8 +209,7 @@ def score_map(sim_map: np.ndarray, boxes: np.ndarray, grid_map: Optional[np.ndar
         points, point_map = masks, sim_map
     else:
         point_map = np.asarray(grid_map)
-        points = np.stack([metrics.box_to_mask(b, *point_map.shape, keep_small=False)
-                           for b in np.asarray(boxes).reshape(-1, 4)])
+        points = np.stack([cells_in_box(b, point_map.shape, centres) for b in np.asarray(boxes).reshape(-1, 4)])
     return {"cnr": metrics.cnr(sim_map, masks), "pointing_game": float(metrics.pointing_game(point_map, points)),
             "miou": metrics.miou_at_thresholds(sim_map, masks),
             "pointing_game_chance": float(points.any(axis=0).mean())}
@@ -185,9 +231,9 @@ def aggregate(scores: list[dict[str, float]], names: list[str]) -> dict[str, Any
     return out
 
 
-def ground_split(run, split: LocalizedSplit, *, mode: str = "auto",
-                 batch_size: int = 0) -> tuple[list[PhraseQuery], np.ndarray, list[dict[str, float]]]:
-    """Maps and scores of every query of ``split``.
+def ground_split(run, split: LocalizedSplit, *, mode: str = "auto", batch_size: int = 0,
+                 alignment: str = "encoder") -> tuple[list[PhraseQuery], np.ndarray, list[dict[str, float]]]:
+    """Maps and scores of every query of ``split`` (``alignment``: see ALIGNMENTS).
 
     Returns:
         (queries, image-sized maps [m, crop, crop], per-query scores).
@@ -197,8 +243,8 @@ def ground_split(run, split: LocalizedSplit, *, mode: str = "auto",
         return [], np.zeros((0, split.size, split.size), np.float32), []
     images = split.images[[q.example for q in queries]]
     grids = phrase_maps(run, images, [q.phrase for q in queries], mode=mode, batch_size=batch_size)
-    maps = np.stack([viz.upsample_bilinear(g, (split.size, split.size)) for g in grids])
-    scores = [score_map(m, q.boxes, grid_map=g) for m, g, q in zip(maps, grids, queries)]
+    maps, centres = upsample_to_crop(run, grids, split.size, alignment)
+    scores = [score_map(m, q.boxes, grid_map=g, centres=centres) for m, g, q in zip(maps, grids, queries)]
     return queries, maps, scores
 
 
@@ -227,21 +273,22 @@ def evaluate(run, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     split = read_localized_split(config, cfg.data.test_split, limit=int(cfg.get("limit_examples", 0)) or None)
     mode = resolve_mode(run, cfg.get("map", "auto"))
     batch_size = int(cfg.get("batch_size", 0) or config.train.batch_size)
-    queries, maps, scores = ground_split(run, split, mode=mode, batch_size=batch_size)
+    alignment = cfg.get("grid_alignment", "encoder")
+    queries, maps, scores = ground_split(run, split, mode=mode, batch_size=batch_size, alignment=alignment)
     names = [q.name for q in queries]
     res: dict[str, Any] = aggregate(scores, names)
     if cfg.get("also_cosine", True):
         # The phrase-patch cosine maps' scores beside the method's own maps (the same figures when the map is
         # already the cosine), so methods with and without local maps compare on one protocol.
-        cos_scores = scores if mode == "cosine" else ground_split(run, split, mode="cosine",
-                                                                  batch_size=batch_size)[2]
+        cos_scores = scores if mode == "cosine" else ground_split(run, split, mode="cosine", batch_size=batch_size,
+                                                                  alignment=alignment)[2]
         res.update({f"cosine/{k}": v for k, v in aggregate(cos_scores, names).items()
                     if not k.startswith(("protocol/", "pointing_game_chance"))})
     res.update({
         "protocol/data": info.get("name", ""), "protocol/root": config.data.root,
         "protocol/split": split.split, "protocol/num_images": len(split),
         "protocol/images_with_phrases": len({q.example for q in queries}),
-        "protocol/map": mode, "protocol/method": run.objective.name,
+        "protocol/map": mode, "protocol/method": run.objective.name, "protocol/grid_alignment": alignment,
         "protocol/miou_thresholds": ", ".join(f"{t:g}" for t in metrics.GROUNDING_THRESHOLDS),
         "protocol/findings_outside_crop": split.findings_dropped,
     })

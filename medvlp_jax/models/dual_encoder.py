@@ -30,7 +30,7 @@ Submodule / parameter names: ``image``, ``text``, ``img_head``, ``txt_head``, ``
       The names only pick defaults: every size field set in the config overrides them.
   image.patch_size/width/depth/num_heads/mlp_dim/image_size/layer_norm_eps: ViT sizes.
   image.width/stage_sizes/resize_to: ResNet base width, blocks per stage, bilinear upsampling side (299;
-      0 or None: none).
+      0 or None: none). image.local_stage: "layer3" (default, the papers) or "layer2" (a 2x finer grid).
   image.image_size/channels: input size for ``example_batch`` (ResNet default 224; channels 3).
   text.vocab_size/width/depth/num_heads/mlp_dim/max_position/type_vocab_size/layer_norm_eps: BERT sizes
       (defaults: BERT-base, vocab 28,996). ``hf_import.bert_config_from_hf(dir)`` gives them for a checkpoint.
@@ -82,7 +82,7 @@ class ImageOutputs:
     Attributes:
       img_emb: [b, d]; patch_emb: [b, p, d]; patch_attn: [b, p] or None (CNN);
       img_feat: [b, w_img]; patch_feat: [b, p, w_loc] (w_loc = w_img for ViT, layer3 width for ResNet);
-      grid: (gh, gw) static.
+      grid: (gh, gw) static; grid_centres: static cell centres or None (``EncoderOutputs.grid_centres``).
     """
     img_emb: Array
     patch_emb: Array
@@ -90,6 +90,7 @@ class ImageOutputs:
     img_feat: Array
     patch_feat: Array
     grid: tuple[int, int] = flax.struct.field(pytree_node=False, default=(1, 1))
+    grid_centres: Optional[tuple] = flax.struct.field(pytree_node=False, default=None)
 
 
 @flax.struct.dataclass
@@ -138,7 +139,8 @@ def build_image_tower(model_cfg: Any) -> nn.Module:
         stage_sizes = tuple(_get(icfg, "stage_sizes", preset["stage_sizes"]))
         # resize_to 0 or None: no upsampling.
         return ResNet(stage_sizes=stage_sizes, base_width=_get(icfg, "width", preset["width"]),
-                      resize_to=_get(icfg, "resize_to") or None, dtype=dtype, remat=remat)
+                      resize_to=_get(icfg, "resize_to") or None, dtype=dtype, remat=remat,
+                      local_stage=_get(icfg, "local_stage", "layer3"))
     raise ValueError(f"unknown config.model.image.name {name!r}; known: {sorted(VIT_PRESETS) + sorted(RESNET_PRESETS)}")
 
 
@@ -258,7 +260,7 @@ class DualEncoder(nn.Module):
             img_emb=self._emb(self.img_head(pooled, train=train)),
             patch_emb=self._emb(self.patch_head(out["patches"], train=train)),
             patch_attn=None if attn is None else attn.astype(jnp.float32),
-            img_feat=img_feat, patch_feat=patch_feat, grid=tuple(out["grid"]))
+            img_feat=img_feat, patch_feat=patch_feat, grid=tuple(out["grid"]), grid_centres=out.get("centres"))
 
     def encode_text(self, batch: dict, train: bool = False) -> TextOutputs:
         """Text side only.
@@ -325,7 +327,7 @@ class DualEncoder(nn.Module):
             img_emb=img.img_emb, txt_emb=txt.txt_emb, patch_emb=img.patch_emb, word_emb=txt.word_emb,
             word_mask=txt.word_mask, slot_mask=txt.slot_mask, word_attn=txt.word_attn,
             patch_attn=img.patch_attn, img_feat=img.img_feat, txt_feat=txt.txt_feat,
-            patch_feat=img.patch_feat, word_feat=txt.word_feat, grid=img.grid)
+            patch_feat=img.patch_feat, word_feat=txt.word_feat, grid=img.grid, grid_centres=img.grid_centres)
 
 
 def build_model(model_cfg: Any) -> DualEncoder:

@@ -27,6 +27,21 @@ Array = jax.Array
 Dtype = Any
 
 EXPANSION = 4   # bottleneck output width = 4 x its inner width
+LOCAL_STAGES = {"layer2": 2, "layer3": 4}   # local stage -> its inner width in units of base_width
+STAGE_STRIDES = {"layer2": 8, "layer3": 16}
+
+
+def grid_centres(image_side: int, stride: int, resize_to: Optional[int] = None) -> tuple[float, float]:
+    """(scale, offset): cell i of a stride-``stride`` stage is centred at the fraction scale * i + offset of the image.
+
+    Every torchvision ResNet layer with stride 2 (7x7 conv pad 3, 3x3 max pool pad 1, 3x3 conv pad 1, 1x1
+    conv pad 0) centres output j on input pixel 2j, so cell i sits on pixel ``stride * i`` of the network's
+    input (pixel k spans [k, k + 1)): half a cell up-left of the half-pixel convention (i + 0.5) * stride.
+    With ``resize_to`` (align_corners upsampling of an ``image_side`` image), pixel k of the resized input
+    lies on pixel k * (image_side - 1) / (resize_to - 1) of the image.
+    """
+    per_pixel = 1.0 if not resize_to else (image_side - 1) / (resize_to - 1)
+    return stride * per_pixel / image_side, 0.5 / image_side
 
 
 def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -99,17 +114,20 @@ class ResNet(nn.Module):
         (299 in GLoRIA/MGCA); None keeps the input size.
       dtype: compute dtype (params and BN statistics stay float32).
       remat: recompute each bottleneck in the backward pass.
+      local_stage: the stage whose grid is the local features: "layer3" (the papers: stride 16, 19x19 at 299)
+        or "layer2" (stride 8: a grid twice as fine, for small images whose findings span a few pixels).
     """
     stage_sizes: Sequence[int] = (3, 4, 6, 3)
     base_width: int = 64
     resize_to: Optional[int] = None
     dtype: Dtype = jnp.float32
     remat: bool = False
+    local_stage: str = "layer3"
 
     @property
     def feature_dims(self) -> tuple[int, int]:
-        """(global width = layer4 channels, local width = layer3 channels); (2048, 1024) for ResNet-50."""
-        return self.base_width * 8 * EXPANSION, self.base_width * 4 * EXPANSION
+        """(global width = layer4 channels, local width = ``local_stage`` channels); (2048, 1024) for ResNet-50."""
+        return self.base_width * 8 * EXPANSION, self.base_width * LOCAL_STAGES[self.local_stage] * EXPANSION
 
     @nn.compact
     def __call__(self, images: Array, train: bool = False) -> dict[str, Any]:
@@ -122,14 +140,21 @@ class ResNet(nn.Module):
         Returns:
           dict with
             cls: [b, 4 * 8 * base_width] global average pool of layer4.
-            patches: [b, gh * gw, 4 * 4 * base_width] layer3 feature map flattened row-major.
+            patches: [b, gh * gw, c_local] the ``local_stage`` feature map flattened row-major (layer3:
+              c_local = 4 * 4 * base_width; layer2: 4 * 2 * base_width).
             attn: None (no attention in a CNN).
-            grid: (gh, gw) layer3 spatial size (19x19 for 299 inputs).
+            grid: (gh, gw) local stage's spatial size (layer3: 19x19 for 299 inputs).
+            centres: ((scale_y, offset_y), (scale_x, offset_x)) of the grid cells (``grid_centres``).
             stages: {"layer1".."layer4": [b, h_s, w_s, c_s]} every stage output (detection/segmentation).
         """
         if len(self.stage_sizes) != 4:
             raise ValueError(f"ResNet needs 4 stages, got stage_sizes={self.stage_sizes}")
+        if self.local_stage not in LOCAL_STAGES:
+            raise ValueError(f"ResNet local_stage must be one of {sorted(LOCAL_STAGES)}, got {self.local_stage!r}")
         x = images
+        stride = STAGE_STRIDES[self.local_stage]
+        centres = (grid_centres(images.shape[1], stride, self.resize_to),
+                   grid_centres(images.shape[2], stride, self.resize_to))
         if self.resize_to is not None:
             x = resize_bilinear_align_corners(x, (self.resize_to, self.resize_to))
         x = x.astype(self.dtype)
@@ -149,7 +174,7 @@ class ResNet(nn.Module):
                 x = block_cls(self.base_width * 2 ** s, stride, self.dtype, name=f"layer{s + 1}_{j}")(x, train)
             stages[f"layer{s + 1}"] = x
 
-        local = stages["layer3"]
+        local = stages[self.local_stage]
         b, gh, gw, c3 = local.shape
         return dict(cls=stages["layer4"].astype(jnp.float32).mean(axis=(1, 2)).astype(self.dtype),
-                    patches=local.reshape(b, gh * gw, c3), attn=None, grid=(gh, gw), stages=stages)
+                    patches=local.reshape(b, gh * gw, c3), attn=None, grid=(gh, gw), centres=centres, stages=stages)

@@ -183,3 +183,21 @@ def test_objective_maps_are_also_scored_as_cosine_maps(syn_run):
     assert 0 < np.mean(hits) < 1 and res["pointing_game"] == pytest.approx(np.mean(hits))
     cfg.also_cosine = False
     assert not any(k.startswith("cosine/") for k in grounding.evaluate(run, cfg))
+
+
+def test_cells_in_box_follow_the_grid_centres():
+    """Half-pixel centres: the same cells as metrics.box_to_mask without keep_small; CNN centres (cell i at pixel
+    s * i) move the cells a box holds up-left by half a cell."""
+    from medvlp_jax import metrics
+    from medvlp_jax.evaluators.grounding import cells_in_box
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        y0, x0 = rng.uniform(0, 0.8, 2)
+        box = np.array([y0, x0, y0 + rng.uniform(0.05, 0.2), x0 + rng.uniform(0.05, 0.2)])
+        np.testing.assert_array_equal(cells_in_box(box, (8, 8)), metrics.box_to_mask(box, 8, 8, keep_small=False))
+    box = np.array([0.26, 0.26, 0.3, 0.3])                  # 33.3..38.4 px of 128: no centre of either kind
+    cnn = ((16 / 128, 0.5 / 128),) * 2                       # cell i of an 8x8 layer3 grid centred on pixel 16 i
+    assert not cells_in_box(box, (8, 8)).any() and not cells_in_box(box, (8, 8), cnn).any()
+    box = np.array([0.25, 0.25, 0.3, 0.3])                  # pixels 32..38: holds cell 2's CNN centre (32.5 px)
+    assert cells_in_box(box, (8, 8), cnn)[2, 2] and cells_in_box(box, (8, 8), cnn).sum() == 1
+    assert not cells_in_box(box, (8, 8)).any()               # the half-pixel centre of cell 2 is at 40 px

@@ -76,3 +76,18 @@ def test_wrap_cuts_long_titles():
     assert wrap("a  b\nc", 10, 2) == "a b c"
     out = wrap("word " * 40, 20, 2).split("\n")
     assert len(out) == 2 and out[-1].endswith("...") and all(len(line) <= 20 for line in out)
+
+
+def test_upsample_bilinear_puts_cells_at_the_given_centres():
+    """With cell centres (scale, offset), cell i's value is reached exactly at fraction scale * i + offset and the
+    map is linear between centres; None is the half-pixel convention."""
+    from medvlp_jax.viz import cell_centres, upsample_bilinear
+    m = np.random.default_rng(1).normal(size=(4, 4)).astype(np.float32)
+    np.testing.assert_allclose(upsample_bilinear(m, (32, 32), None), upsample_bilinear(m, (32, 32)))
+    np.testing.assert_allclose(cell_centres(4), [0.125, 0.375, 0.625, 0.875])
+    centres = ((8 / 32, 0.5 / 32), (8 / 32, 0.5 / 32))      # a stride-8 CNN grid: cell i on pixel 8i
+    up = upsample_bilinear(m, (32, 32), centres)
+    for i in range(4):
+        np.testing.assert_allclose(up[8 * i, 8 * i], m[i, i], atol=1e-6)    # pixel 8i's centre is (8i + 0.5) / 32
+    np.testing.assert_allclose(up[4, 0], 0.5 * (m[0, 0] + m[1, 0]), atol=1e-6)
+    np.testing.assert_allclose(up[30, 31], m[3, 3], atol=1e-6)             # clamped beyond the last centre

@@ -164,3 +164,34 @@ def test_load_image_tower_from_torch_file(tmp_path):
                               de.example_batch(cfg, 1))
     with pytest.raises(ValueError, match="does not fit"):
         hf_import.load_image_tower(abstract, cfg)
+
+
+@pytest.mark.parametrize("stage,size,resize_to", [("layer3", 128, None), ("layer2", 64, None),
+                                                  ("layer3", 96, 131)])
+def test_grid_centres_are_the_receptive_field_centres(monkeypatch, stage, size, resize_to):
+    """A cell's receptive-field centre, measured: with every kernel 1, identity BatchNorm and average pooling in
+    place of max pooling, the net is linear and symmetric on positive inputs, so the centroid of the gradient of
+    an interior cell w.r.t. the image is its centre; ``out["centres"]`` must name it (half a cell up-left of
+    (i + 0.5) / g), with and without the align-corners upsampling to ``resize_to``."""
+    import flax.linen as nn
+    from medvlp_jax.models.resnet import STAGE_STRIDES
+    monkeypatch.setattr(nn, "max_pool", lambda x, window, strides, padding: nn.avg_pool(
+        x, window, strides, padding, count_include_pad=True))
+    model = ResNet(stage_sizes=(1, 1, 1, 1), base_width=4, resize_to=resize_to, local_stage=stage)
+    x = np.ones((1, size, size, 1), np.float32)
+    variables = model.init(jax.random.key(0), x)
+    ones = jax.tree_util.tree_map_with_path(
+        lambda path, v: jnp.zeros_like(v) if path[-1].key in ("bias", "mean") else jnp.ones_like(v), variables)
+    out = model.apply(ones, x)
+    gh, gw = out["grid"]
+    assert gh == gw and out["patches"].shape[1] == gh * gw
+    i = gh // 2                                           # an interior cell: its field is not cut by padding
+    grad = jax.grad(lambda im: model.apply(ones, im)["patches"][0, i * gw + i].sum())(x)[0, :, :, 0]
+    g = np.asarray(grad, np.float64)
+    centroid = [(g.sum(axis=1 - a) * (np.arange(size) + 0.5)).sum() / g.sum() / size for a in (0, 1)]
+    (sy, oy), (sx, ox) = out["centres"]
+    tol = 1e-3 if resize_to is None else 0.5 / size       # the resampling blurs, not shifts, the field
+    assert centroid == pytest.approx([sy * i + oy, sx * i + ox], abs=tol)
+    if resize_to is None:
+        stride = STAGE_STRIDES[stage]
+        assert (sy * i + oy) * size == pytest.approx(stride * i + 0.5)      # not stride * (i + 0.5)
