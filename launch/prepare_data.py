@@ -12,6 +12,13 @@
 
 Each converter reads the official download layout (see README "Data") and prints counts and the reasons
 for every dropped record.
+
+--format=tfds builds the same examples with the TensorFlow Datasets builders (medvlp_jax/data/tfds_builders):
+--out is then a TFDS data directory, the data set lands in <out>/medvlp_<name>/<config>/<version> (printed as
+"root": point config.data.root there) and tfds.load("medvlp_<name>", data_dir=<out>) reads it too:
+
+  python launch/prepare_data.py demo --format=tfds --out=data/tfds
+  python launch/prepare_data.py chexpert --format=tfds --source=/data/CheXpert-v1.0-small --out=data/tfds
 """
 import argparse
 import json
@@ -42,6 +49,7 @@ def main(argv=None):
     demo.add_argument("--num_shards", type=int, default=4)
     demo.add_argument("--vocab_size", type=int, default=3000)
     demo.add_argument("--limit", type=int, default=None)
+    _add_format(demo)
     syn = sub.add_parser("synthetic", help="tiny synthetic pairs for smoke tests")
     syn.add_argument("--out", required=True)
     syn.add_argument("--num_train", type=int, default=64)
@@ -59,7 +67,14 @@ def main(argv=None):
             p.add_argument("--images", required=True, help="MIMIC-CXR-JPG root the MS-CXR paths point into")
         if name == "mimic_cxr":
             p.add_argument("--reports", default=None, help="directory of mimic-cxr-reports (default: --source)")
+        _add_format(p)
     args = parser.parse_args(argv)
+    from medvlp_jax import env
+    env.quiet_startup()
+    if getattr(args, "format", "tfrecord") == "tfds":
+        summary = _prepare_tfds(args)
+        print(json.dumps(summary, indent=1, default=str))
+        return
 
     if args.dataset == "demo":
         from medvlp_jax.data import prepare
@@ -81,6 +96,32 @@ def main(argv=None):
             kwargs["reports_dir"] = args.reports
         summary = getattr(importlib.import_module(module), fn)(args.source, args.out, **kwargs)
     print(json.dumps(summary, indent=1, default=str))
+
+
+def _add_format(parser) -> None:
+    parser.add_argument("--format", choices=("tfrecord", "tfds"), default="tfrecord",
+                        help="tfrecord: shards + dataset_info.json in --out; tfds: the TFDS builder, --out is its "
+                             "data_dir (the data set goes to <out>/medvlp_<name>/<config>/<version>)")
+
+
+def _prepare_tfds(args) -> dict:
+    """The data set built by its TFDS builder (same examples as the converter); the demo also gets its tokenizer."""
+    from medvlp_jax.data import tfds_builders
+    if args.dataset == "demo":
+        summary = tfds_builders.prepare("medvlp_demo_iu", args.out, num_shards=args.num_shards, seed=args.seed,
+                                        image_size=args.image_size, limit=args.limit)
+        from medvlp_jax.data import prepare
+        summary["tokenizer"] = prepare.train_tokenizer(summary["root"], vocab_size=args.vocab_size)
+        return summary
+    if not os.path.isdir(args.source):
+        sys.exit(f"error: --source={args.source} is not a directory")
+    options = dict(image_size=args.image_size, seed=args.seed, skip_bad=args.skip_bad, limit=args.limit)
+    if args.dataset == "ms_cxr":
+        options["images_dir"] = args.images
+    if args.dataset == "mimic_cxr" and args.reports:
+        options["reports_dir"] = args.reports
+    return tfds_builders.prepare(f"medvlp_{args.dataset}", args.out, manual_dir=args.source,
+                                 num_shards=args.num_shards, **options)
 
 
 if __name__ == "__main__":

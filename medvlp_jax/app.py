@@ -118,6 +118,8 @@ def run_main(fn: Callable[[], object]) -> None:
     Non-finite training in ``config.train.nonfinite="stop"`` mode exits with 3; a preemption (SIGTERM, after
     the checkpoint) with 0 after printing "preempted: ..." (launch/slurm.sbatch requeues on that line).
     """
+    from medvlp_jax import env
+    env.quiet_startup()                      # before anything imports TF or asks JAX for devices
     from medvlp_jax.config_lib import ConfigError
     from medvlp_jax.data.pipeline import BadRecordError
     from medvlp_jax.train.loop import Preempted

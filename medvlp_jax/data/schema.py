@@ -99,12 +99,19 @@ def serialize(example: dict[str, Any], num_classes: int) -> bytes:
 
 
 def read_info(root: str) -> dict[str, Any]:
-    """Reads ``<root>/dataset_info.json``; a clear error if the data set was never prepared."""
+    """Reads ``<root>/dataset_info.json``; a clear error if the data set was never prepared.
+
+    ``root`` may also be the version directory of a TFDS build (``medvlp_jax.data.tfds_builders``): its
+    shards, split sizes and class names are then read from TFDS's files, in the same dict.
+    """
     path = os.path.join(root, INFO_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no prepared data set at {root!r} ({INFO_FILE} is missing)")
     with open(path) as f:
         info = json.load(f)
+    if isinstance(info.get("splits"), list) and "schema_version" not in info:   # TFDS's own dataset_info.json
+        from medvlp_jax.data.tfds_builders import info as tfds_info
+        info = tfds_info.read_tfds_info(root)
     if info.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{path}: schema_version {info.get('schema_version')} but this code reads "
                          f"{SCHEMA_VERSION}; prepare the data again")

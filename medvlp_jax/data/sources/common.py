@@ -7,10 +7,16 @@ resizes the image). ``write_examples`` runs ``load`` (in worker processes when `
 kept in order, so the output is the same either way), writes each split with ``ShardedWriter``, and
 either raises on the first unreadable image (naming the file) or, with ``skip_bad=True``, counts it, logs
 it and lists it in ``<out_dir>/skipped_files.txt``.
+
+Inside ``collect_plans()`` a converter's ``prepare_<name>`` writes nothing: ``write_examples`` hands its
+``Plan`` (the tasks, ``load`` and the data set's metadata) to the caller instead. The TFDS builders
+(``medvlp_jax/data/tfds_builders``) run the converters' own readers this way.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import dataclasses
 import json
 import logging
@@ -48,6 +54,49 @@ class Task:
     payload: Any
 
 
+@dataclasses.dataclass
+class Plan:
+    """Everything ``write_examples`` was asked to write, for a caller that writes it another way."""
+    name: str
+    class_names: tuple[str, ...]
+    splits: tuple[str, ...]
+    tasks: list[Task]                      # in write order, ``limit`` not yet applied
+    load: Callable[[Any], dict]
+    limit: Optional[int]
+    skip_bad: bool
+    num_workers: int
+    dropped: dict[str, int]
+    counts: dict[str, Any]
+    extra_info: dict[str, Any]
+
+
+_PLANS: contextvars.ContextVar[Optional[list[Plan]]] = contextvars.ContextVar("medvlp_plans", default=None)
+
+
+@contextlib.contextmanager
+def collect_plans() -> Iterator[list[Plan]]:
+    """Within the block, ``write_examples`` appends its ``Plan`` to the yielded list and writes nothing."""
+    plans: list[Plan] = []
+    token = _PLANS.set(plans)
+    try:
+        yield plans
+    finally:
+        _PLANS.reset(token)
+
+
+def limit_tasks(tasks: Sequence[Task], limit: Optional[int]) -> list[Task]:
+    """The first ``limit`` tasks of each split, in order (all of them when ``limit`` is None)."""
+    if limit is None:
+        return list(tasks)
+    seen: collections.Counter = collections.Counter()
+    kept = []
+    for t in tasks:
+        if seen[t.split] < limit:
+            kept.append(t)
+            seen[t.split] += 1
+    return kept
+
+
 def split_groups(groups: Iterable[str], fractions: dict[str, float], seed: int) -> dict[str, str]:
     """Assigns each group (patient, image) to a split, seeded and independent of input order.
 
@@ -83,8 +132,9 @@ def _run_one(args: tuple[Callable[[Any], dict], Task]) -> tuple[str, Any]:
         return "bad", (e.path, e.reason)
 
 
-def _results(load: Callable[[Any], dict], tasks: Sequence[Task],
-             num_workers: int) -> Iterator[tuple[str, Any]]:
+def load_tasks(load: Callable[[Any], dict], tasks: Sequence[Task],
+               num_workers: int) -> Iterator[tuple[str, Any]]:
+    """("ok", example) or ("bad", (path, reason)) per task, in task order (worker processes when > 0)."""
     if num_workers <= 0:
         for t in tasks:
             yield _run_one((load, t))
@@ -129,17 +179,16 @@ def write_examples(out_dir: str, *, name: str, class_names: Sequence[str], split
       images.ImageReadError: an unreadable image when ``skip_bad`` is False (the message names the file
         and says how to skip it).
     """
+    plans = _PLANS.get()
+    if plans is not None:                  # inside collect_plans(): hand the plan over, write nothing
+        plans.append(Plan(name=name, class_names=tuple(class_names), splits=tuple(splits), tasks=list(tasks),
+                          load=load, limit=limit, skip_bad=skip_bad, num_workers=num_workers,
+                          dropped=dict(dropped or {}), counts=dict(counts or {}), extra_info=dict(extra_info or {})))
+        return {"name": name, "planned": True}
     from tqdm.auto import tqdm
     t0 = time.time()
     dropped = collections.Counter(dropped or {})
-    if limit is not None:
-        seen: collections.Counter = collections.Counter()
-        kept = []
-        for t in tasks:
-            if seen[t.split] < limit:
-                kept.append(t)
-                seen[t.split] += 1
-        tasks = kept
+    tasks = limit_tasks(tasks, limit)
     unknown = {t.split for t in tasks} - set(splits)
     if unknown:
         raise ValueError(f"tasks name splits {sorted(unknown)} not in {list(splits)}")
@@ -149,7 +198,7 @@ def write_examples(out_dir: str, *, name: str, class_names: Sequence[str], split
     skipped: list[str] = []
     bar = tqdm(total=len(tasks), desc=f"prepare {name}", unit="img", disable=not progress)
     try:
-        for task, (status, value) in zip(tasks, _results(load, tasks, num_workers)):
+        for task, (status, value) in zip(tasks, load_tasks(load, tasks, num_workers)):
             bar.update(1)
             if status == "bad":
                 path, reason = value
