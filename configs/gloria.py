@@ -34,6 +34,8 @@ def get_config(arg=None):
     m.local_weight = 1.0
     m.global_weight = 1.0
     m.local_agg = "sum"                 # log-sum-exp over words (authors' code; no 1/temp2 as in the paper)
+    m.count_unk_words = False           # authors' quirk: an [UNK] word keeps its slot but is not counted,
+                                        # so the text's last real word leaves the local term
     m.include_cls_word = True           # authors' quirk: [CLS] counted as a word, [SEP] dropped
     m.include_sep_word = False
     m.report_vector = "mean_all_slots"  # authors' quirk: report vector = mean over all slots incl. padding

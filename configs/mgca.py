@@ -8,9 +8,12 @@ Paper setup (methods.md section 4, from the authors' code): ViT-B/16 (DeiT-B ini
 112 tokens, AdamW 2e-5 / wd 0.05, 40% warm-up then cosine, batch 144, 50 epochs; tau_g 0.07, tau_l 0.1,
 tau_p 0.2, K = 500 prototypes, Sinkhorn eps 0.05 x 3, prototypes frozen in epoch 0, lambda = (1, 1, 1).
 The objective reproduces the authors' loss arithmetic by default (word_slots="all", ita_reduce="sum",
-local_negatives="pair", un-normalised ViT patch context); the encoder quirks (no position ids, off-by-one
-word weights) are fixed by default and reproduced with --config.model.text.use_position_ids=False
---config.model.text.word_attn_shift=1.
+local_negatives="pair", un-normalised ViT patch context) and the authors' word aggregation of full-length
+reports (model.text.full_length_tail="drop": a report that fills all 112 tokens loses its last word and
+[SEP], as in their ``aggregate_tokens``; "keep" = corrected). The other encoder quirks (no position ids,
+off-by-one word weights) are fixed by default and reproduced with --config.model.text.use_position_ids=False
+--config.model.text.word_attn_shift=1. An [UNK] is an ordinary word slot (data/tokenizer.py), as in the
+authors' code, in every mode.
 """
 from medvlp_jax import config_lib
 
@@ -19,6 +22,8 @@ def get_config(arg=None):
     arg = config_lib.parse_arg(arg, image="")   # "": the variant's default encoder
     c = config_lib.base(arg.variant, image=arg.image)
     c.model.proj.update(kind="mlp_bn", hidden=2048 if arg.variant == "paper" else 256)
+    c.model.text.word_attn_shift = 0          # 1: the authors' off-by-one word weights (quirk 2)
+    c.model.text.full_length_tail = "drop"    # authors: a full-length report loses its last word and [SEP]
     m = c.method
     m.name = "mgca"
     m.temperature = 0.07            # tau_g (ITA)

@@ -2,10 +2,14 @@
 
   python launch/pretrain.py --config=configs/plan.py --workdir=runs/plan            # paper setup (MGCA's)
   python launch/pretrain.py --config=configs/plan.py:demo --workdir=runs/plan_demo  # demo data, CPU
+  python launch/pretrain.py --config=configs/plan.py:image=resnet --workdir=runs/plan_r50  # paper's encoder family
 
 Reconstructed from the abstract (methods.md section 7.2, [I]): three stages (ITC; + cross-sample local
 contrast with noise suppression; + EMA-teacher prior and consistency), every choice a field of
 config.method (medvlp_jax/methods/plan.py). The demo scales the stage boundaries to its shorter schedule.
+The default encoder is MGCA's ViT-B/16 (methods.md 7.2); secondary summaries of the paper describe a
+ResNet image encoder: ``image=resnet`` gives ResNet-50 with the 224 crop upsampled to 299 (layer3 19x19 =
+361 regions, pooled layer4), as GLoRIA and MGCA-R50 (config_lib.base).
 """
 from medvlp_jax import config_lib
 
@@ -31,6 +35,9 @@ def get_config(arg=None):
     m.ns_entropy = 0.9              # [I] drop words whose map entropy exceeds 0.9 log P
     m.prior_gamma = 0.5             # [I] A <- normalise(A * teacher^gamma)
     m.ema_decay = 0.999 if arg.variant == "paper" else 0.99
+    m.pixel_importance = 0.0        # [I] beta of the pixel-importance prior on the soft maps (0: off)
+    m.running_prior_gamma = 0.0     # [I] gamma_r of the running map prior refined every step (0: off)
+    m.running_prior_momentum = 0.99  # [I] mu of that running prior
     m.text_chunk = 8                # reports per chunk of the cross-sample local term (memory)
     if arg.variant == "demo":
         # Stages 2-3 (the cross-sample word-to-pixel term) double the CPU step: 350 steps (~7 epochs) keep the

@@ -21,6 +21,7 @@ def get_config(arg=None):
     m.sia_warmup_epochs = 1.0       # [I] no false-negative handling during the first epoch
     m.sia_reduce_directions = "sum"
     m.sta_temperature = 0.1         # [I] tau_s
+    m.sta_direction = "word_to_patch"  # [I] words select patches | "patch_to_word" | "both" (mean of the two)
     m.sta_sparsify = "threshold"    # [I] keep min-max scores >= 1/P | "topk"
     m.sta_topk = 16                 # [I] kappa for "topk"
     m.sta_word_weights = "uniform"  # [I] 1/|T_b| | "mgca" attention weights

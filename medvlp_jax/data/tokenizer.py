@@ -2,7 +2,15 @@
 
 ``encode`` produces everything the text tower needs, including ``word_ids`` for word-piece merging
 (methods.md 1.4): [CLS] -> slot 0, the pieces of the k-th word -> slot k, [SEP] -> slot n_words + 1,
-padding -> -1. A "word" starts at every token that does not begin with "##" (MGCA/GLoRIA's rule).
+padding -> -1. A "word" starts at every token that does not begin with "##" (MGCA/GLoRIA's rule), special
+tokens inside the text included: an ``[UNK]`` is an ordinary one-piece word with its own slot, exactly as
+in both authors' ``aggregate_tokens`` (methods.md 1.4; before issue 13 it had no slot and the later words
+moved left).
+
+``bracket_words`` marks the words that GLoRIA's ``cap_lens`` does not count (methods.md 3.2, "Words
+used"): the first token of every word slot (between [CLS] and [SEP]) whose string starts with "[" -- an
+[UNK] (or [MASK], or a literal "[" when the text keeps punctuation). The GLoRIA objective reads it; the
+encoder does not.
 """
 from __future__ import annotations
 
@@ -54,12 +62,23 @@ def train_wordpiece(texts: Iterable[str], out_dir: str, *, vocab_size: int = 300
     return out_dir
 
 
-def word_ids_from_tokens(tokens: list[str], special: set[str]) -> np.ndarray:
-    """Slot per token after merging word pieces (see module docstring). tokens: padded token strings."""
+def word_ids_from_tokens(tokens: list[str], special: set[str] = frozenset(), *,
+                         skip_special: bool = False) -> np.ndarray:
+    """Slot per token after merging word pieces (see module docstring).
+
+    Args:
+      tokens: padded token strings with normalised special names ([CLS], [SEP], [PAD], [UNK]).
+      special: the vocabulary's special tokens; used only with ``skip_special``.
+      skip_special: True gives special tokens other than [CLS]/[SEP] no slot (the rule before issue 13,
+        kept to compare against); False (default) treats them as ordinary words, as the authors' code.
+
+    Returns:
+      [len(tokens)] int32; -1 for padding and for everything after the first [SEP].
+    """
     out = np.full((len(tokens),), -1, np.int32)
     slot = 0
     for i, t in enumerate(tokens):
-        if t == "[PAD]" or (t in special and t not in ("[CLS]", "[SEP]")):
+        if t == "[PAD]" or (skip_special and t in special and t not in ("[CLS]", "[SEP]")):
             continue
         if t == "[CLS]":
             out[i] = 0
@@ -74,19 +93,39 @@ def word_ids_from_tokens(tokens: list[str], special: set[str]) -> np.ndarray:
     return out
 
 
+def bracket_words_from_tokens(tokens: list[str], word_ids: np.ndarray) -> np.ndarray:
+    """1 on the first token of every word slot between [CLS] and [SEP] whose string starts with "[".
+
+    Args:
+      tokens: token strings (normalised special names); word_ids: their slots (``word_ids_from_tokens``).
+
+    Returns:
+      [len(tokens)] int32 (GLoRIA's uncounted words, methods.md 3.2; 0 for [CLS], [SEP] and padding).
+    """
+    word_ids = np.asarray(word_ids)
+    last = word_ids.max(initial=-1)                              # [SEP]'s slot
+    prev = np.concatenate([[-2], word_ids[:-1]])
+    first = (word_ids != prev) & (word_ids >= 1) & (word_ids < last)
+    starts = np.array([t.startswith("[") for t in tokens], bool)
+    return (first & starts).astype(np.int32)
+
+
 def encode(tokenizer, texts: list[str], max_len: int) -> dict[str, np.ndarray]:
-    """Tokenises a batch. Returns input_ids, attention_mask, word_ids: [b, max_len] int32 each."""
+    """Tokenises a batch.
+
+    Returns:
+      input_ids, attention_mask, word_ids, bracket_words: [b, max_len] int32 each (module docstring).
+    """
     enc = tokenizer(list(texts), max_length=max_len, padding="max_length", truncation=True,
                     return_attention_mask=True)
     ids = np.asarray(enc["input_ids"], np.int32)
     mask = np.asarray(enc["attention_mask"], np.int32)
-    special = set(tokenizer.all_special_tokens)
     # Normalise special names so the merge rule works for any BERT-family vocabulary.
-    cls_tok, sep_tok, pad_tok = tokenizer.cls_token, tokenizer.sep_token, tokenizer.pad_token
-    rename = {cls_tok: "[CLS]", sep_tok: "[SEP]", pad_tok: "[PAD]"}
-    word_ids = np.stack([
-        word_ids_from_tokens([rename.get(t, t) for t in tokenizer.convert_ids_to_tokens(row)],
-                             {rename.get(s, s) for s in special})
-        for row in ids])
+    rename = {tokenizer.cls_token: "[CLS]", tokenizer.sep_token: "[SEP]", tokenizer.pad_token: "[PAD]"}
+    if tokenizer.unk_token is not None:
+        rename[tokenizer.unk_token] = "[UNK]"
+    rows = [[rename.get(t, t) for t in tokenizer.convert_ids_to_tokens(row)] for row in ids]
+    word_ids = np.stack([word_ids_from_tokens(toks) for toks in rows])
     word_ids = np.where(mask > 0, word_ids, -1).astype(np.int32)
-    return {"input_ids": ids, "attention_mask": mask, "word_ids": word_ids}
+    bracket = np.stack([bracket_words_from_tokens(toks, w) for toks, w in zip(rows, word_ids)])
+    return {"input_ids": ids, "attention_mask": mask, "word_ids": word_ids, "bracket_words": bracket}

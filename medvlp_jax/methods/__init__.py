@@ -17,6 +17,10 @@ The train step calls, inside one jit:
   similarity_maps(method_params, out) -> [b, t, p] word-to-patch maps for grounding/pictures, or None.
   ema_decay: if set, the train state keeps an EMA copy of the encoders and ``teacher_out`` is their
       (stop-gradient) outputs on the same batch; otherwise ``teacher_out`` is None.
+  update_state(method_params, metrics) -> (method_params, metrics), or None: after a finite optimiser
+      step, carries running statistics that the loss reported as (non-scalar) metrics into the method
+      params, without gradient (e.g. PLAN's running map prior); it removes the metrics it consumes. Such
+      leaves should be frozen by ``trainable``.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ class Objective(NamedTuple):
     trainable: Optional[Callable[[Any], Any]] = None
     similarity_maps: Optional[Callable[..., Any]] = None
     ema_decay: Optional[float] = None
+    update_state: Optional[Callable[[Any, dict], tuple[Any, dict]]] = None
 
 
 OBJECTIVES = Registry("objective")

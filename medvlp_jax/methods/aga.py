@@ -24,8 +24,16 @@ Per pair, tokens t_i (i in T_b, the valid words), patches v_j, S_ij = <t_i, v_j>
                     s_L(a, b) = mean_i <t_ai, g^v_{a->b,i}>, s_V(a, b) = mean_j <v_bj, g^t_{b<-a,j}>;
                     1/2 [bidirectional CE(s_L / tau_b) + bidirectional CE(s_V / tau_b)], computed over
                     report chunks (``text_chunk``) with rematerialisation.
+                    "pair" (within-pair group-to-group switch): inside each pair, token i's visual group
+                    g^v_i is scored against every language group g^t_j of the same pair, z_ij =
+                    <g^v_i, g^t_j> / tau_b, and must put its mass where token i's own group does (target
+                    sg(alpha_i), its membership weights over the patches); symmetrically g^t_j over the
+                    visual groups of the valid tokens, target sg(beta_j):
+                    1/B sum_b 1/2 [ 1/|T_b| sum_i H(sg(alpha_i), softmax_j z_i:)
+                                    + 1/P sum_j H(sg(beta_j), softmax_{i in T_b} z_:j) ],  H(y, q) = -sum y log q.
+                    No other pair enters (no external negatives); O(b t p d).
     ITC (tau_itc):  InfoNCE on the global embeddings.
-    total:          L_ITC + lambda_iga L_IGA + lambda_bcga L_BCGA
+    total:          lambda_itc L_ITC + lambda_iga L_IGA + lambda_bcga L_BCGA
 
 Gates (Flax modules, params under the method params ``{"lang_gate", "vis_gate"}``): MLP [q; context]
 (2d) -> d/2 -> GELU -> 1, theta = theta_min + (theta_max - theta_min) sigmoid(z), clipped for rounding,
@@ -35,7 +43,14 @@ theta = theta_init (0.5) at step 0 (the vision gate's per-pair lower bound 1/|T_
 Config (``config.method``), reconstructed choices marked [I]:
   itc_temperature [I] 0.07; itc_reduce_directions "mean" (CLIP/ConVIRT) or "sum".
   iga_temperature [I] tau = 0.1.
-  bcga_temperature [I] tau_b = 0.07; bcga_mode [I] "pooled" | "cross"; text_chunk (cross mode) 8.
+  bcga_temperature [I] tau_b = 0.07; bcga_mode [I] "pooled" (default) | "cross" | "pair"; text_chunk
+  (cross mode) 8.
+  lambda_itc [I] 1.0: weight of the global ITC term; 0 removes it from the loss (``loss/itc`` is still
+  reported). Kept at 1: the abstract's "no external negatives" is said of the IGA loss, and its retrieval
+  and zero-shot evaluations need a global image-report alignment; its motivation ("contrastive learning
+  paradigms typically rely on large quantities of hard negative samples, which poses challenges when
+  dealing with small scale medical datasets") is the reason to try 0. With 0 and bcga_mode="pair" no
+  term compares pairs and the global heads (``img_emb``, ``txt_emb``) get no gradient.
   lang_theta_min [I] None -> 1/P; vis_theta_min [I] None -> 1/|T_b| per pair (SPARC's 1/#keys; the
   initial bias then assumes 1/t, t = text slots); theta_max [I] 0.95;
   theta_init [I] 0.5; gate_hidden [I] None -> d // 2.
@@ -69,6 +84,7 @@ class AgaConfig:
     iga_temperature: float = 0.1
     bcga_temperature: float = 0.07
     bcga_mode: str = "pooled"
+    lambda_itc: float = 1.0
     text_chunk: Optional[int] = 8
     lang_theta_min: Optional[float] = None
     vis_theta_min: Optional[float] = None
@@ -81,8 +97,8 @@ class AgaConfig:
     lambda_bcga: float = 1.0
 
     def __post_init__(self):
-        if self.bcga_mode not in ("pooled", "cross"):
-            raise ValueError(f"AGA bcga_mode must be 'pooled' or 'cross', got {self.bcga_mode!r}")
+        if self.bcga_mode not in ("pooled", "cross", "pair"):
+            raise ValueError(f"AGA bcga_mode must be 'pooled', 'cross' or 'pair', got {self.bcga_mode!r}")
         if self.itc_reduce_directions not in ("mean", "sum"):
             raise ValueError(f"AGA itc_reduce_directions must be 'mean' or 'sum', got {self.itc_reduce_directions!r}")
         if self.kappa <= 0:
@@ -226,6 +242,25 @@ def bcga_pooled(out_img: Array, out_txt: Array, token_mask: Array, groups: dict[
     return 0.5 * (l_v + l_t)
 
 
+def bcga_pair_per_pair(token_mask: Array, groups: dict[str, Array], tau: float) -> Array:
+    """Within-pair group-to-group BCGA (module docstring, ``bcga_mode="pair"``).
+
+    Args:
+      token_mask: [b, t] bool valid words; groups: from ``pair_groups`` (alpha [b, t, p], beta [b, p, t],
+        g_v [b, t, d], g_t [b, p, d]); tau: tau_b.
+    Returns:
+      [b] loss per pair (0 for a pair without valid words).
+    """
+    z = jnp.einsum("bid,bjd->bij", groups["g_v"], groups["g_t"]) / tau          # [b, t (visual), p (lang.)]
+    alpha = jax.lax.stop_gradient(groups["alpha"])
+    beta = jax.lax.stop_gradient(groups["beta"])
+    lang = -jnp.sum(alpha * jax.nn.log_softmax(z, axis=-1), axis=-1)            # [b, t]
+    logp_v = common.masked_log_softmax(jnp.swapaxes(z, 1, 2), token_mask[:, None, :], axis=-1)   # [b, p, t]
+    vis = -jnp.sum(jnp.where(token_mask[:, None, :], beta * logp_v, 0.0), axis=-1)               # [b, p]
+    per_pair = 0.5 * (common.masked_mean(lang, token_mask, axis=-1) + jnp.mean(vis, axis=-1))
+    return jnp.where(jnp.any(token_mask, axis=-1), per_pair, 0.0)
+
+
 def cross_pair_scores(params, tokens: Array, token_mask: Array, patches: Array, cfg: AgaConfig,
                       gates) -> tuple[Array, Array]:
     """Group-based scores for every (report a, image b) pair, chunked over reports.
@@ -285,9 +320,14 @@ def make(cfg, *, steps_per_epoch: int) -> Objective:
         l_iga = common.masked_mean(iga_per_pair(tokens, mask, patches, groups, settings.iga_temperature), valid)
         if settings.bcga_mode == "pooled":
             l_bcga = bcga_pooled(img, txt, mask, groups, valid, settings.bcga_temperature)
+        elif settings.bcga_mode == "pair":
+            l_bcga = common.masked_mean(bcga_pair_per_pair(mask, groups, settings.bcga_temperature), valid)
         else:
             l_bcga = bcga_cross(method_params, tokens, mask, patches, valid, settings, gates)
-        total = l_itc + settings.lambda_iga * l_iga + settings.lambda_bcga * l_bcga
+        if settings.lambda_itc:
+            total = settings.lambda_itc * l_itc + settings.lambda_iga * l_iga + settings.lambda_bcga * l_bcga
+        else:   # left out, not multiplied by 0: a non-finite ITC cannot reach the loss or the gradient
+            total = settings.lambda_iga * l_iga + settings.lambda_bcga * l_bcga
         rows = valid[:, None] & mask
         return total, {
             "loss/itc": l_itc, "loss/iga": l_iga, "loss/bcga": l_bcga, "loss/i2t": i2t, "loss/t2i": t2i,

@@ -26,6 +26,11 @@ Config (``config.method``), defaults = the authors' arithmetic:
   temp1, temp2, temp3: 4.0, 5.0, 10.0 (attention sharpening, word aggregation, logit scale).
   local_weight, global_weight: 1.0, 1.0.
   local_agg: "sum" (log-sum-exp over words, the authors' default) | "mean" (log-mean-exp, their option).
+  count_unk_words [quirk]: False (authors: the local term uses the first n_i = (#words whose string does
+      not start with "[") + 1 slots, so an [UNK] word -- which keeps its own slot, data/tokenizer.py --
+      is not counted yet occupies a column, and the LAST real word of the text is dropped, one per [UNK]);
+      True (fixed) counts every word. The count comes from ``batch["bracket_words"]`` (data/tokenizer.py);
+      a batch without that key counts no [UNK]. ``similarity_maps`` has no batch and uses every word.
   include_cls_word [quirk]: True (authors: [CLS] takes part as a word in the local term); False = fixed.
   include_sep_word [quirk]: False (authors: the first n_i = #words + 1 columns, so [SEP] is dropped);
       True adds [SEP] (the slot after the last word) to the local words.
@@ -38,9 +43,6 @@ Config (``config.method``), defaults = the authors' arithmetic:
   paper_local_scale [quirk]: False (code: no 1/temp2 in R); True uses the paper's (1/temp2) log sum exp.
   text_chunk: texts per chunk of the cross-sample local term (8); None = one block (materialises
       [b, b, t, p]; the reference the chunked form is tested against).
-
-Not reproduced (needs token strings, which the objective never sees): the authors count n_i from the word
-strings, so a text containing an ``[UNK]`` word loses its last real word from the local term.
 
 Padding rows of an eval batch (``batch["valid"]`` False) neither count nor act as negatives.
 
@@ -76,6 +78,7 @@ class GloriaConfig:
     local_weight: float = 1.0
     global_weight: float = 1.0
     local_agg: str = "sum"
+    count_unk_words: bool = False
     include_cls_word: bool = True
     include_sep_word: bool = False
     report_vector: str = "mean_all_slots"
@@ -89,6 +92,27 @@ class GloriaConfig:
                 raise ValueError(f"GLoRIA {name} must be one of {allowed}, got {value!r}")
         if self.text_chunk is not None and int(self.text_chunk) < 1:
             raise ValueError(f"GLoRIA text_chunk must be >= 1 or None, got {self.text_chunk!r}")
+
+
+def uncounted_words(batch: Batch, b: int) -> Array:
+    """[b] int32: words per text that GLoRIA's ``cap_lens`` does not count ([UNK]; data/tokenizer.py)."""
+    bracket = batch.get("bracket_words")
+    if bracket is None:
+        return jnp.zeros((b,), jnp.int32)
+    return jnp.sum(jnp.asarray(bracket) > 0, axis=-1).astype(jnp.int32)
+
+
+def counted_words(word_mask: Array, n_uncounted: Array) -> Array:
+    """The authors' words: the first (#words - n_uncounted) words of each text (the last ones are lost).
+
+    Args:
+      word_mask: [b, t] bool real words (an [UNK] slot included); n_uncounted: [b] int.
+    Returns:
+      [b, t] bool.
+    """
+    rank = jnp.cumsum(word_mask.astype(jnp.int32), axis=-1)                  # 1 for the first word, ...
+    keep = jnp.sum(word_mask, axis=-1, keepdims=True) - n_uncounted[:, None]
+    return word_mask & (rank <= keep)
 
 
 def local_word_set(word_mask: Array, slot_mask: Array, include_cls: bool = True,
@@ -109,6 +133,22 @@ def local_word_set(word_mask: Array, slot_mask: Array, include_cls: bool = True,
     if include_sep:
         words = words | (slot_mask & ~word_mask & (idx >= 1))
     return words
+
+
+def words_used(out: EncoderOutputs, cfg: GloriaConfig, n_uncounted: Optional[Array] = None) -> Array:
+    """The slots of the local term: ``local_word_set`` minus the words the authors do not count.
+
+    Args:
+      out: encoder outputs (word_mask, slot_mask [b, t]); cfg: settings;
+      n_uncounted: [b] int [UNK] words per text (``uncounted_words``) or None (every word counts).
+    Returns:
+      [b, t] bool.
+    """
+    words = local_word_set(out.word_mask, out.slot_mask, cfg.include_cls_word, cfg.include_sep_word)
+    if n_uncounted is None or cfg.count_unk_words:
+        return words
+    lost = out.word_mask & ~counted_words(out.word_mask, n_uncounted)          # the last real words
+    return words & ~lost
 
 
 def report_vector(word_emb: Array, slot_mask: Array, txt_emb: Array, mode: str = "mean_all_slots") -> Array:
@@ -214,9 +254,18 @@ def _bidirectional(logits: Array, valid: Array) -> tuple[Array, Array]:
     return i2t, t2i
 
 
-def gloria_loss(out: EncoderOutputs, valid: Array, cfg: GloriaConfig) -> tuple[Array, dict[str, Array]]:
-    """The GLoRIA objective (module docstring). valid: [b] bool. Returns (loss [], metrics {name: []})."""
-    words = local_word_set(out.word_mask, out.slot_mask, cfg.include_cls_word, cfg.include_sep_word)
+def gloria_loss(out: EncoderOutputs, valid: Array, cfg: GloriaConfig,
+                n_uncounted: Optional[Array] = None) -> tuple[Array, dict[str, Array]]:
+    """The GLoRIA objective (module docstring).
+
+    Args:
+      out: encoder outputs; valid: [b] bool; cfg: settings.
+      n_uncounted: [b] int, [UNK] words per text (``uncounted_words``); None or ``cfg.count_unk_words``:
+        every word counts.
+    Returns:
+      (loss [], metrics {name: []}).
+    """
+    words = words_used(out, cfg, n_uncounted)
     r = local_similarity(out.word_emb, words, out.patch_emb, temp1=cfg.temp1, temp2=cfg.temp2,
                          agg=cfg.local_agg, text_chunk=cfg.text_chunk)       # [b_img, b_txt]
     if cfg.paper_local_scale:
@@ -288,8 +337,9 @@ def make(cfg, *, steps_per_epoch: int) -> Objective:
 
     def loss(method_params, out: EncoderOutputs, batch: Batch, step, *, rng=None, teacher_out=None):
         del method_params, step, rng, teacher_out
-        valid = batch.get("valid", jnp.ones(out.img_emb.shape[:1], bool))
-        return gloria_loss(out, valid, settings)
+        b = out.img_emb.shape[0]
+        valid = batch.get("valid", jnp.ones((b,), bool))
+        return gloria_loss(out, valid, settings, uncounted_words(batch, b))
 
     def similarity_maps(method_params, out: EncoderOutputs) -> Array:
         del method_params

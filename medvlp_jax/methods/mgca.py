@@ -53,9 +53,13 @@ Config (``config.method``); defaults reproduce the authors' run:
       all-reduce it). BatchNorm statistics per device are the model's business, not this module's.
 
 Encoder-level quirks are model-config switches, not here: 1 BERT without positions
-(``model.text.use_position_ids``), 2 off-by-one word attention (``model.text.word_attn_shift = 1``), 9 the
-6-layer BERT (``model.text.depth``). Quirk 8 is ``trainable``. Padding rows of an eval batch
-(``batch["valid"]`` False) neither count nor act as negatives, and get no Sinkhorn mass.
+(``model.text.use_position_ids``), 2 off-by-one word attention (``model.text.word_attn_shift = 1``) and
+the lost last word and [SEP] of a report that fills all tokens (``model.text.full_length_tail = "drop"``,
+set by configs/mgca.py; the dropped slots are padding here: zero attention, so no omega, and masked patch
+keys), 9 the 6-layer BERT (``model.text.depth``). An [UNK] is an ordinary word slot, as in the authors'
+aggregation (data/tokenizer.py); no switch, because that is not a defect. Quirk 8 is ``trainable``.
+Padding rows of an eval batch (``batch["valid"]`` False) neither count nor act as negatives, and get no
+Sinkhorn mass.
 
 Cost (b batch, t = W text slots, p patches, d width, K prototypes): ITA O(b^2 d) FLOPs / O(b^2) memory;
 word side 4 b t p d + 2 b t^2 d FLOPs, O(b (t p + t^2)) memory; patch side 4 b p t d + 2 b p^2 d FLOPs,

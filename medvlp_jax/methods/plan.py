@@ -21,6 +21,30 @@ would survive). Stage-3 refinement with the EMA teacher's maps Abar (stop-grad):
 A <- normalise(A * Abar^gamma) before the suppression, and L_cons = KL(Abar || A) on positive pairs with
 the student's raw map, averaged over valid words.
 
+Two optional refinements of every soft map the local term uses (the positive-pair maps that decide T_a
+included; ``L_cons`` keeps the raw maps), both [I], from secondary summaries that describe "word and pixel
+importance weights taken from the word-pixel similarity matrix" and "a similarity matrix refined every
+iteration from its history". Both are priors over the patches, multiplied into A and renormalised
+(``log A <- log_softmax(log A + log prior)``, with the teacher prior when both are on):
+
+  pixel importance (``pixel_importance`` = beta, 0 = off): for report a and image b,
+      pi^(a->b)_k = softmax_k( sum_t omega0_at <w_at, p_bk> / tau_w )      (stop-grad)
+      with omega0 the word weights over all valid words (before the entropy rule); prior pi^beta:
+      patches that the report as a whole matches gain weight in every word's region.
+  running map prior (``running_prior_gamma`` = gamma_r, 0 = off): a distribution m over the p patch
+      positions, carried in the method params (``map_prior`` [p], uniform at init; no gradient, no
+      optimiser update: ``trainable`` is False) and refined after every finite training step from the
+      step's maps: m <- mu m + (1 - mu) m_hat, mu = ``running_prior_momentum``, m_hat = the mean over the
+      valid words of the valid pairs of the raw positive-pair maps softmax_k(<w_bt, p_bk> / tau_w(stage))
+      (stop-grad; every stage, so m is warm when stage 2 starts; a step without valid words keeps m).
+      A global mean, so it is the same under any sharding and independent of the batch size; with
+      gradient accumulation the micro-batches' m_hat are averaged. The loss uses the m of the steps
+      before (the history), prior m^gamma_r: gamma_r > 0 favours the positions the maps have attended
+      so far (background that no word ever attends is suppressed), gamma_r < 0 discounts them (positions
+      that attract every word, e.g. artefact patches). ``similarity_maps`` applies both refinements.
+      The update is ``Objective.update_state``: the loss reports m_hat as the non-scalar metric
+      ``plan/map_batch``, which the train step consumes.
+
 Progressive schedule, a function of the traced step (``lax.switch`` on the stage, so stage 1 does not
 compute the local term at all):
 
@@ -41,13 +65,17 @@ Config (``config.method``), reconstructed choices marked [I]:
   loc_ramp_epochs [I] 2.0; lambda_loc [I] 1.0; lambda_cons [I] 0.1.
   ns_from_stage [I] 2 (4 or more: never); ns_rel_threshold [I] rho_ns = 0.3; ns_entropy [I] eta = 0.9.
   prior_gamma [I] gamma = 0.5; ema_decay [I] 0.999.
+  pixel_importance [I] beta = 0.0 (off; e.g. 1.0); running_prior_gamma [I] gamma_r = 0.0 (off; e.g. 0.5);
+  running_prior_momentum [I] mu = 0.99. Both off by default: nothing in the abstract asks for them.
   text_chunk: reports per chunk of the cross-sample term (8; None: whole batch at once).
 
 Cost (b batch, t text slots, p patches, d width): the local term is O(b^2 t p d) FLOPs (maps, region
 vectors and scores; doubled in stage 3 for the teacher maps) and, computed over report chunks of size
 c = text_chunk under ``jax.checkpoint``, O(c b t (p + d)) activation memory instead of O(b^2 t (p + d));
 the backward recomputes each chunk (about one extra forward of the local term). Positive-pair maps,
-entropy and L_cons: O(b t p d) FLOPs, O(b t p) memory. ITC: O(b^2 d).
+entropy and L_cons: O(b t p d) FLOPs, O(b t p) memory. ITC: O(b^2 d). Pixel importance: O(b^2 t p) more
+(a weighted sum of the dot products already computed, inside the chunks); running prior: m_hat
+O(b t p d) every step, the prior O(p).
 """
 from __future__ import annotations
 
@@ -83,6 +111,9 @@ class PlanConfig:
     ns_entropy: float = 0.9
     prior_gamma: float = 0.5
     ema_decay: Optional[float] = 0.999
+    pixel_importance: float = 0.0
+    running_prior_gamma: float = 0.0
+    running_prior_momentum: float = 0.99
     text_chunk: Optional[int] = 8
 
     def __post_init__(self):
@@ -91,6 +122,8 @@ class PlanConfig:
                 raise ValueError(f"PLAN {name} must be 'sum' or 'mean', got {getattr(self, name)!r}")
         if self.word_weights not in ("mgca", "uniform"):
             raise ValueError(f"PLAN word_weights must be 'mgca' or 'uniform', got {self.word_weights!r}")
+        if not 0.0 <= self.running_prior_momentum < 1.0:
+            raise ValueError(f"PLAN running_prior_momentum must be in [0, 1), got {self.running_prior_momentum!r}")
         if self.stage3_start_epoch is not None:
             if self.stage2_start_epoch is None or self.stage3_start_epoch < self.stage2_start_epoch:
                 raise ValueError("PLAN stage3_start_epoch needs stage2_start_epoch <= stage3_start_epoch")
@@ -108,21 +141,58 @@ class StageSpec:
 
 
 def log_maps(words: Array, patches: Array, tau_w: float, teacher: Optional[tuple[Array, Array]] = None,
-             gamma: float = 0.5) -> Array:
-    """log A: word->patch soft maps, optionally sharpened by the teacher's maps.
+             gamma: float = 0.5, pixel: Optional[tuple[Array, float]] = None,
+             running: Optional[Array] = None) -> Array:
+    """log A: word->patch soft maps, optionally refined by priors over the patches (module docstring).
 
     Args:
       words: [..., t, d]; patches: [..., p, d] (broadcastable leading dims).
-      teacher: (teacher words [..., t, d], teacher patches [..., p, d]) or None.
+      teacher: (teacher words [..., t, d], teacher patches [..., p, d]) or None; prior Abar^gamma.
+      pixel: (omega0 [..., t] word weights, beta) or None; prior pi^beta (pixel importance).
+      running: [p] log running prior already times gamma_r, or None.
     Returns:
       [..., t, p] log-probabilities over patches.
     """
-    logp = jax.nn.log_softmax(jnp.einsum("...td,...pd->...tp", words, patches) / tau_w, axis=-1)
+    dots = jnp.einsum("...td,...pd->...tp", words, patches)
+    logp = jax.nn.log_softmax(dots / tau_w, axis=-1)
+    prior = None
     if teacher is not None:
         t_logp = jax.lax.stop_gradient(
             jax.nn.log_softmax(jnp.einsum("...td,...pd->...tp", *teacher) / tau_w, axis=-1))
-        logp = jax.nn.log_softmax(logp + gamma * t_logp, axis=-1)                # normalise(A * Abar^gamma)
+        prior = gamma * t_logp
+    if pixel is not None:
+        omega0, beta = pixel
+        term = beta * pixel_log_importance(dots, omega0, tau_w)
+        prior = term if prior is None else prior + term
+    if running is not None:
+        prior = running if prior is None else prior + running
+    if prior is not None:
+        logp = jax.nn.log_softmax(logp + prior, axis=-1)                       # normalise(A * priors)
     return logp
+
+
+def pixel_log_importance(dots: Array, omega0: Array, tau_w: float) -> Array:
+    """log pi: [..., 1, p], log softmax_k(sum_t omega0_t dots_tk / tau_w) (stop-grad).
+
+    Args:
+      dots: [..., t, p] word-patch dot products; omega0: [..., t] word weights (broadcastable).
+    """
+    logits = jnp.sum(omega0[..., :, None] * dots, axis=-2) / tau_w
+    return jax.lax.stop_gradient(jax.nn.log_softmax(logits, axis=-1))[..., None, :]
+
+
+def batch_mean_map(words: Array, patches: Array, word_mask: Array, valid: Array, tau_w, prior: Array) -> Array:
+    """m_hat: [p], the mean raw positive-pair map over the valid words of the valid pairs (stop-grad).
+
+    Args:
+      words: [b, t, d]; patches: [b, p, d]; word_mask: [b, t]; valid: [b]; tau_w: scalar (may be traced);
+      prior: [p] the current running prior, returned when the batch has no valid word.
+    """
+    a = jax.nn.softmax(jnp.einsum("btd,bpd->btp", words, patches) / tau_w, axis=-1)
+    sel = (word_mask & valid[:, None]).astype(a.dtype)
+    n = jnp.sum(sel)
+    mean = jnp.einsum("btp,bt->p", a, sel) / jnp.maximum(n, 1.0)
+    return jax.lax.stop_gradient(jnp.where(n > 0, mean, prior))
 
 
 def suppress_noise(a: Array, rel_threshold: float) -> Array:
@@ -138,23 +208,24 @@ def word_entropy(logp: Array) -> Array:
 
 
 def local_scores(words: Array, log_omega: Array, patches: Array, spec: StageSpec, cfg: PlanConfig,
-                 teacher: Optional[tuple[Array, Array]] = None) -> Array:
+                 teacher: Optional[tuple[Array, Array]] = None, omega0: Optional[Array] = None,
+                 running: Optional[Array] = None) -> Array:
     """R(a, b) for every report a and image b, computed over report chunks.
 
     Args:
       words: [b, t, d]; log_omega: [b, t] log word weights (NEG_INF for words outside T_a);
       patches: [b, p, d]; teacher: (teacher words [b, t, d], teacher patches [b, p, d]) or None.
+      omega0: [b, t] word weights of the pixel importance (None: off); running: [p] scaled log running
+        prior (None: off).
     Returns:
       [b (reports), b (images)].
     """
     def body(chunk):
-        if teacher is None:
-            w, lw = chunk
-            prior = None
-        else:
-            w, lw, tw = chunk
-            prior = (tw[:, None], teacher[1][None])
-        logp = log_maps(w[:, None], patches[None], spec.tau_w, prior, cfg.prior_gamma)   # [c, b, t, p]
+        w, lw = chunk[0], chunk[1]
+        prior = None if teacher is None else (chunk[2][:, None], teacher[1][None])
+        pixel = None if omega0 is None else (chunk[-1][:, None, :], cfg.pixel_importance)
+        logp = log_maps(w[:, None], patches[None], spec.tau_w, prior, cfg.prior_gamma, pixel,
+                        running)                                                      # [c, b, t, p]
         a = jnp.exp(logp)
         if spec.noise_suppression:
             a = suppress_noise(a, cfg.ns_rel_threshold)
@@ -162,7 +233,8 @@ def local_scores(words: Array, log_omega: Array, patches: Array, spec: StageSpec
         cos = jnp.einsum("ctd,cbtd->cbt", w, rho)
         return jax.nn.logsumexp(cfg.tau_agg * cos + lw[:, None, :], axis=-1) / cfg.tau_agg   # [c, b]
 
-    reports = (words, log_omega) if teacher is None else (words, log_omega, teacher[0])
+    reports = (words, log_omega) + (() if teacher is None else (teacher[0],)) + \
+        (() if omega0 is None else (omega0,))
     return common.map_in_chunks(body, reports, cfg.text_chunk)
 
 
@@ -182,10 +254,20 @@ def base_word_weights(out: EncoderOutputs, cfg: PlanConfig) -> Array:
     return local_ops.uniform_word_weights(out.word_mask)
 
 
+def running_log_prior(method_params, cfg: PlanConfig) -> Optional[Array]:
+    """gamma_r * log m: [p] (stop-grad), or None when the running prior is off."""
+    if not cfg.running_prior_gamma:
+        return None
+    m = jax.lax.stop_gradient(local_ops.wide(method_params["map_prior"]))
+    return cfg.running_prior_gamma * jnp.log(jnp.maximum(m, 1e-30))
+
+
 def local_terms(out: EncoderOutputs, teacher_out: Optional[EncoderOutputs], valid: Array, spec: StageSpec,
-                cfg: PlanConfig) -> tuple[Array, Array, Array]:
+                cfg: PlanConfig, running: Optional[Array] = None) -> tuple[Array, Array, Array]:
     """Local contrastive loss, consistency loss and fraction of kept words for one stage.
 
+    Args:
+      running: [p] scaled log running prior (``running_log_prior``) or None.
     Returns:
       (l_loc [], l_cons [] (0 without teacher prior), kept_fraction []).
     """
@@ -195,12 +277,14 @@ def local_terms(out: EncoderOutputs, teacher_out: Optional[EncoderOutputs], vali
     if spec.teacher_prior:
         teacher = (jax.lax.stop_gradient(local_ops.wide(teacher_out.word_emb)),
                    jax.lax.stop_gradient(local_ops.wide(teacher_out.patch_emb)))
-    pos_logp = log_maps(words, patches, spec.tau_w, teacher, cfg.prior_gamma)        # [b, t, p]
+    omega0 = base_word_weights(out, cfg)
+    pixel = (omega0, cfg.pixel_importance) if cfg.pixel_importance else None
+    pos_logp = log_maps(words, patches, spec.tau_w, teacher, cfg.prior_gamma, pixel, running)   # [b, t, p]
     keep = kept_words(pos_logp, out.word_mask, spec, cfg)
-    omega = jnp.where(keep, base_word_weights(out, cfg), 0.0)
+    omega = jnp.where(keep, omega0, 0.0)
     omega = omega / jnp.maximum(jnp.sum(omega, axis=-1, keepdims=True), 1e-12)
     log_omega = jnp.where(omega > 0, jnp.log(jnp.maximum(omega, 1e-30)), common.NEG_INF)
-    r = local_scores(words, log_omega, patches, spec, cfg, teacher)                    # [a, b]
+    r = local_scores(words, log_omega, patches, spec, cfg, teacher, omega0 if pixel else None, running)  # [a, b]
     # A report without any valid word has no local score: it neither counts nor competes here.
     loc_valid = valid & jnp.any(keep, axis=-1)
     l_loc, _, _ = local_ops.bidirectional_ce(r.T / cfg.tau_r, loc_valid, cfg.loc_reduce_directions)
@@ -234,9 +318,26 @@ def make(cfg, *, steps_per_epoch: int) -> Objective:
               for e in (settings.stage2_start_epoch, settings.stage3_start_epoch) if e is not None]
     ramp_steps = max(local_ops.epochs_to_steps(settings.loc_ramp_epochs, steps_per_epoch), 1)
 
+    running_on = bool(settings.running_prior_gamma)
+
     def init(rng, out):
-        del rng, out
-        return {}
+        del rng
+        if not running_on:
+            return {}
+        p = out.patch_emb.shape[1]
+        return {"map_prior": jnp.full((p,), 1.0 / p, jnp.float32)}
+
+    def trainable(step):
+        del step
+        return {"map_prior": jnp.asarray(False)}       # a running statistic: no optimiser update or decay
+
+    def update_state(method_params, metrics):
+        """m <- mu m + (1 - mu) m_hat after a finite step; removes the non-scalar ``plan/map_batch``."""
+        metrics = dict(metrics)
+        m_hat = metrics.pop("plan/map_batch")
+        mu = settings.running_prior_momentum
+        m = method_params["map_prior"]
+        return dict(method_params, map_prior=(mu * m + (1.0 - mu) * m_hat).astype(m.dtype)), metrics
 
     def stage_of(step) -> Array:
         """1, 2 or 3 as a traced int32."""
@@ -244,7 +345,7 @@ def make(cfg, *, steps_per_epoch: int) -> Objective:
         return 1 + sum((step >= s).astype(jnp.int32) for s in starts) if starts else jnp.asarray(1, jnp.int32)
 
     def loss(method_params, out: EncoderOutputs, batch: Batch, step, *, rng=None, teacher_out=None):
-        del method_params, rng
+        del rng
         if any(s.teacher_prior for s in specs) and teacher_out is None:
             raise ValueError("PLAN stage 3 needs teacher_out (the EMA encoders' outputs), but it is None: set "
                              "method.ema_decay (Objective.ema_decay) so that the train state keeps an EMA "
@@ -257,9 +358,10 @@ def make(cfg, *, steps_per_epoch: int) -> Objective:
                                             settings.itc_temperature, valid,
                                             reduce_directions=settings.itc_reduce_directions)
         zero = jnp.zeros((), l_itc.dtype)
+        running = running_log_prior(method_params, settings)
         branches = [lambda: (zero, zero, zero)]
         for spec in specs:
-            branches.append(lambda spec=spec: local_terms(out, teacher_out, valid, spec, settings))
+            branches.append(lambda spec=spec: local_terms(out, teacher_out, valid, spec, settings, running))
         l_loc, l_cons, kept = jax.lax.switch(stage - 1, branches)
         if starts:
             lam_loc = settings.lambda_loc * jnp.clip((step - starts[0]) / ramp_steps, 0.0, 1.0)
@@ -268,20 +370,29 @@ def make(cfg, *, steps_per_epoch: int) -> Objective:
         lam_cons = jnp.where(stage >= 3, settings.lambda_cons, 0.0)
         total = l_itc + lam_loc * l_loc + lam_cons * l_cons
         tau_w = jnp.where(stage >= 3, settings.tau_w_stage3, settings.tau_w_stage2)
-        return total, {
+        metrics = {
             "loss/itc": l_itc, "loss/i2t": i2t, "loss/t2i": t2i, "loss/loc": l_loc, "loss/cons": l_cons,
             "plan/stage": stage.astype(jnp.float32), "plan/lambda_loc": lam_loc,
             "plan/lambda_cons": lam_cons, "plan/tau_w": tau_w, "plan/kept_words": kept,
         }
+        if running_on:
+            m = local_ops.wide(method_params["map_prior"])
+            metrics["plan/map_batch"] = batch_mean_map(local_ops.wide(out.word_emb), local_ops.wide(out.patch_emb),
+                                                       out.word_mask, valid, tau_w, m)
+            metrics["plan/map_prior_entropy"] = -jnp.sum(m * jnp.log(jnp.maximum(m, 1e-30)))
+        return total, metrics
 
     def similarity_maps(method_params, out: EncoderOutputs) -> Array:
-        """[b, t, p] soft maps of the last configured stage (no teacher prior); non-word rows are 0."""
-        del method_params
+        """[b, t, p] soft maps of the last configured stage (no teacher prior; the pixel-importance and
+        running priors when on); non-word rows are 0."""
         spec = specs[-1] if specs else StageSpec(settings.tau_w_stage2, False, False)
-        a = jnp.exp(log_maps(local_ops.wide(out.word_emb), local_ops.wide(out.patch_emb), spec.tau_w))
+        pixel = (base_word_weights(out, settings), settings.pixel_importance) if settings.pixel_importance else None
+        a = jnp.exp(log_maps(local_ops.wide(out.word_emb), local_ops.wide(out.patch_emb), spec.tau_w,
+                             pixel=pixel, running=running_log_prior(method_params, settings)))
         if spec.noise_suppression:
             a = suppress_noise(a, settings.ns_rel_threshold)
         return jnp.where(out.word_mask[..., None], a, 0.0)
 
     return Objective(name="plan", init=init, loss=loss, similarity_maps=similarity_maps,
-                     ema_decay=settings.ema_decay)
+                     ema_decay=settings.ema_decay, trainable=trainable if running_on else None,
+                     update_state=update_state if running_on else None)

@@ -20,7 +20,16 @@ c_t = normalise(sum_k alpha_tk p_k);
 
     L_STA = 1/(2B) sum_b sum_{t in T_b} omega_bt [ CE(<c_t, w_:>/tau_s, t) + CE(<w_t, c_:>/tau_s, t) ]
 
-with omega = 1/|T_b| (default) or MGCA word weights (switch). Total L = lambda_sia L_SIA + lambda_sta L_STA.
+with omega = 1/|T_b| (default) or MGCA word weights (switch). That is the "word_to_patch" direction (words
+select patches, SPARC's). "patch_to_word" reverses the roles, within each pair: s_kt = <p_k, w_t> over the
+valid words; min-max over those words; keep entries >= 1/|T_b| (or the patch's top-kappa words);
+beta_kt = kept / sum kept (a patch that keeps no word takes its best-matching one);
+e_k = normalise(sum_t beta_kt w_t) (the patch's language group);
+
+    L_STA = 1/(2B) sum_b 1/P sum_k [ CE(<e_k, p_:>/tau_s, k) + CE(<p_k, e_:>/tau_s, k) ]
+
+(0 for a pair without valid words). "both" averages the two: (L_w2p + L_p2w) / 2.
+Total L = lambda_sia L_SIA + lambda_sta L_STA.
 
 Config (``config.method``), reconstructed choices marked [I]:
   temperature: tau_g of SIA (0.07).
@@ -34,9 +43,13 @@ Config (``config.method``), reconstructed choices marked [I]:
   sia_warmup_epochs [I]: no false-negative handling before this many epochs (1.0).
   sia_reduce_directions: "sum" (the equation above, MGCA's ITA convention) or "mean".
   sta_temperature [I]: tau_s (0.1).
+  sta_direction [I]: "word_to_patch" (default: words select their patches, SPARC's grouping) |
+      "patch_to_word" (patches select their words) | "both". Kept at "word_to_patch" although the abstract
+      says STA "align[s] image patches with relevant word tokens", which reads patch-to-word: the clause
+      names the two sides without saying which one selects, and methods.md 5.2 specifies word queries.
   sta_sparsify [I]: "threshold" (default) or "topk".
-  sta_threshold [I]: kept if min-max score >= this; None -> 1/P.
-  sta_topk [I]: kappa for "topk" (16).
+  sta_threshold [I]: kept if min-max score >= this; None -> 1/P (word side) and 1/|T_b| (patch side).
+  sta_topk [I]: kappa for "topk" (16), for both directions.
   sta_word_weights [I]: "uniform" (1/|T_b|) or "mgca" (quantile-clipped [CLS] attention).
   word_weight_quantiles: (0.1, 0.9), MGCA's clipping quantiles.
   lambda_sia, lambda_sta [I]: loss weights (1.0, 1.0).
@@ -45,7 +58,8 @@ Padding rows of the batch (``batch["valid"]`` False) neither count nor act as ne
 special text slots are never queries, keys or negatives in STA.
 
 Cost (b batch, t text slots, p patches, d width): SIA O(b^2 d) FLOPs, O(b^2) memory; STA per pair:
-s and alpha O(b t p d) FLOPs / O(b t p) memory, word-word logits O(b t^2 d) FLOPs / O(b t^2) memory.
+s and alpha O(b t p d) FLOPs / O(b t p) memory, word-word logits O(b t^2 d) FLOPs / O(b t^2) memory;
+"patch_to_word": beta O(b t p d) / O(b t p), patch-patch logits O(b p^2 d) FLOPs / O(b p^2) memory.
 No [b, b, t, p] tensor exists.
 """
 from __future__ import annotations
@@ -71,6 +85,7 @@ class SistaConfig:
     sia_warmup_epochs: float = 1.0
     sia_reduce_directions: str = "sum"
     sta_temperature: float = 0.1
+    sta_direction: str = "word_to_patch"
     sta_sparsify: str = "threshold"
     sta_threshold: Optional[float] = None
     sta_topk: int = 16
@@ -83,6 +98,7 @@ class SistaConfig:
         _check_choice("sia_variant", self.sia_variant, ("eliminate", "soft_positive"))
         _check_choice("sia_similarity", self.sia_similarity, ("report_emb", "batch_emb", "label_jaccard"))
         _check_choice("sia_reduce_directions", self.sia_reduce_directions, ("sum", "mean"))
+        _check_choice("sta_direction", self.sta_direction, ("word_to_patch", "patch_to_word", "both"))
         _check_choice("sta_sparsify", self.sta_sparsify, ("threshold", "topk"))
         _check_choice("sta_word_weights", self.sta_word_weights, ("uniform", "mgca"))
 
@@ -171,17 +187,68 @@ def sta_weights(word_emb: Array, patch_emb: Array, cfg: SistaConfig) -> Array:
     return s / jnp.maximum(jnp.sum(s, axis=-1, keepdims=True), 1e-12)
 
 
+def sta_patch_weights(patch_emb: Array, word_emb: Array, word_mask: Array, cfg: SistaConfig) -> Array:
+    """Sparse patch->word grouping weights beta ("patch_to_word").
+
+    Args:
+      patch_emb: [b, p, d], word_emb: [b, t, d], L2-normalised; word_mask: [b, t] bool valid words.
+    Returns:
+      [b, p, t], 0 outside the valid words; each row sums to 1 (0 for a pair without valid words). A row
+      that keeps nothing (one valid word, whose min-max score is 0; or a threshold above 1) falls back to
+      its best-matching valid word.
+    """
+    raw = jnp.einsum("bpd,btd->bpt", patch_emb, word_emb)
+    keys = jnp.broadcast_to(word_mask[:, None, :], raw.shape)
+    s = local_ops.masked_minmax(raw, keys, axis=-1)
+    if cfg.sta_sparsify == "topk":
+        keep = local_ops.topk_mask(s, cfg.sta_topk, keys)
+    else:
+        n_words = jnp.maximum(jnp.sum(word_mask, axis=-1), 1).astype(s.dtype)[:, None, None]
+        threshold = 1.0 / n_words if cfg.sta_threshold is None else cfg.sta_threshold
+        keep = keys & (s >= threshold)
+    s = jnp.where(keep, s, 0.0)
+    total = jnp.sum(s, axis=-1, keepdims=True)
+    best = jax.nn.one_hot(jnp.argmax(jnp.where(keys, raw, -jnp.inf), axis=-1), raw.shape[-1], dtype=s.dtype)
+    return jnp.where(total > 0, s / jnp.where(total > 0, total, 1.0), jnp.where(keys, best, 0.0))
+
+
 def sta_loss(out: EncoderOutputs, valid: Array, cfg: SistaConfig) -> tuple[Array, Array]:
-    """Sparse token-level alignment (within each pair).
+    """Sparse token-level alignment (within each pair), in the configured direction(s).
 
     Args:
       out: word_emb [b, t, d], patch_emb [b, p, d], word_mask [b, t], word_attn [b, t].
       valid: [b] bool batch rows.
     Returns:
-      (loss [], alpha [b, t, p]).
+      (loss [], map [b, t, p]): alpha (word -> patch weights) for "word_to_patch" and "both", beta
+      transposed (the weight each patch gives the word) for "patch_to_word".
     """
     word = local_ops.wide(out.word_emb)
     patch = local_ops.wide(out.patch_emb)
+    mask = out.word_mask
+    if cfg.sta_direction == "word_to_patch":
+        return _sta_word_to_patch(out, word, patch, valid, cfg)
+    per_pair_p, beta = _sta_patch_to_word_per_pair(word, patch, mask, cfg)
+    l_p2w = common.masked_mean(per_pair_p, valid)
+    if cfg.sta_direction == "patch_to_word":
+        return l_p2w, jnp.swapaxes(beta, 1, 2)
+    l_w2p, alpha = _sta_word_to_patch(out, word, patch, valid, cfg)
+    return 0.5 * (l_w2p + l_p2w), alpha
+
+
+def _sta_patch_to_word_per_pair(word: Array, patch: Array, mask: Array, cfg: SistaConfig) -> tuple[Array, Array]:
+    """([b] patch->word loss per pair, 0 without valid words; beta [b, p, t])."""
+    beta = sta_patch_weights(patch, word, mask, cfg)
+    e = local_ops.group_vectors(beta, word)                                      # [b, p, d]
+    z = jnp.einsum("bkd,bld->bkl", e, patch) / cfg.sta_temperature              # [b, p (group), p (patch)]
+    every = jnp.ones(z.shape[:2], bool)
+    ce = local_ops.diag_ce(z, every) + local_ops.diag_ce(jnp.swapaxes(z, 1, 2), every)   # [b, p]
+    per_pair = 0.5 * jnp.mean(ce, axis=-1)
+    return jnp.where(jnp.any(mask, axis=-1), per_pair, 0.0), beta
+
+
+def _sta_word_to_patch(out: EncoderOutputs, word: Array, patch: Array, valid: Array,
+                       cfg: SistaConfig) -> tuple[Array, Array]:
+    """(word->patch loss [], alpha [b, t, p]): the equation of the module docstring."""
     mask = out.word_mask
     alpha = sta_weights(word, patch, cfg)
     c = local_ops.group_vectors(alpha, patch)                                    # [b, t, d]
@@ -226,9 +293,14 @@ def make(cfg, *, steps_per_epoch: int) -> Objective:
         }
 
     def similarity_maps(method_params, out: EncoderOutputs) -> Array:
-        """[b, t, p] sparse STA grouping weights alpha; rows of non-word slots are 0."""
+        """[b, t, p] sparse STA weights: alpha (word -> patches), or for "patch_to_word" beta transposed
+        (the weight each patch gives the word); rows of non-word slots are 0."""
         del method_params
-        alpha = sta_weights(local_ops.wide(out.word_emb), local_ops.wide(out.patch_emb), settings)
-        return jnp.where(out.word_mask[..., None], alpha, 0.0)
+        word, patch = local_ops.wide(out.word_emb), local_ops.wide(out.patch_emb)
+        if settings.sta_direction == "patch_to_word":
+            maps = jnp.swapaxes(sta_patch_weights(patch, word, out.word_mask, settings), 1, 2)
+        else:
+            maps = sta_weights(word, patch, settings)
+        return jnp.where(out.word_mask[..., None], maps, 0.0)
 
     return Objective(name="sista", init=init, loss=loss, similarity_maps=similarity_maps)

@@ -13,7 +13,8 @@ This is the single ``apply`` the train step calls::
 have none. The text tower needs the ``dropout`` rng when ``train=True`` and ``text.dropout > 0``.
 
 Text slots (methods.md 1.4). ``batch["word_ids"]`` [b, l] gives the slot of each token after word-piece
-merging: [CLS] -> 0, pieces of the k-th word -> k, [SEP] -> n_words + 1, padding -> -1. With
+merging: [CLS] -> 0, pieces of the k-th word -> k ([UNK] is an ordinary word), [SEP] -> n_words + 1,
+padding -> -1 (data/tokenizer.py). With
 ``text.merge_word_pieces`` a slot's feature is the SUM of its pieces' features (every layer that is summed
 by ``sum_last_layers`` included) and its attention the SUM of its pieces' [CLS]-row attentions; slots are
 padded with zero vectors up to l. Otherwise every token is its own slot (``word_ids`` may then be absent:
@@ -37,8 +38,17 @@ Submodule / parameter names: ``image``, ``text``, ``img_head``, ``txt_head``, ``
   text.dropout (0.1), text.attention_dropout (= dropout): BERT dropouts.
   text.use_position_ids (True; False = MGCA quirk, all positions 0).
   text.merge_word_pieces (False), text.sum_last_layers (1; GLoRIA 4).
+  text.pool ("cls"): global text feature: "cls", "mean" (over real tokens) or "mean_all_slots" (GLoRIA's
+      sentence vector: the mean of the merged slot features over all l slots, padding included).
   text.word_attn_shift (0): 1 reproduces MGCA's off-by-one word weights (each token gets the attention
       paid to the next token, methods.md 1.4); 0 uses each token's own attention.
+  text.full_length_tail ("keep"): a report that fills all l tokens ([SEP] at position l-1, e.g. every
+      truncated report). "keep": its last word and [SEP] are slots like any other report's. "drop"
+      reproduces MGCA's ``aggregate_tokens`` (methods.md 1.4): its loop zips the l tokens with the l-1
+      attention entries, so it stops before position l-1, never reaches [SEP] and never flushes the word
+      in progress: the last word's and [SEP]'s slots stay empty (zero features and attention, outside
+      ``slot_mask``/``word_mask``). Only with ``merge_word_pieces`` (MGCA's token path has no such loop).
+      configs/mgca.py sets "drop" (faithful default).
   text.hf_checkpoint: read by ``hf_import.load_text_tower``, not here.
   proj.kind ("linear" | "mlp_bn" | "identity"), proj.dim (128), proj.hidden (2048), proj.normalize (True:
       *_emb are L2-normalised; False leaves them raw, e.g. for GLoRIA's dot-product attention).
@@ -213,6 +223,20 @@ def slot_masks(word_ids: Array, num_slots: int) -> tuple[Array, Array]:
     return slot_mask, word_mask
 
 
+def full_length_tail(word_ids: Array) -> Array:
+    """[b, l] bool: the tokens that MGCA's aggregation loop never flushes (``text.full_length_tail="drop"``).
+
+    For a row whose last position is occupied ([SEP] at l-1), the tokens of its last word slot and of
+    [SEP]; nothing for shorter rows. (A row with no word keeps [CLS]: the authors' loop fails on it.)
+
+    Args:
+      word_ids: [b, l] int slots (-1 padding).
+    """
+    full = word_ids[:, -1:] >= 0
+    last = word_ids.max(axis=1, keepdims=True)                         # [SEP]'s slot
+    return full & (word_ids >= jnp.maximum(last - 1, 1))
+
+
 def token_masks(word_ids: Array) -> tuple[Array, Array]:
     """(slot_mask, word_mask) [b, l] bool when every token is a slot: real tokens / word pieces only."""
     last = word_ids.max(axis=1, keepdims=True)
@@ -291,6 +315,15 @@ class DualEncoder(nn.Module):
             token_attn = jnp.pad(token_attn[:, shift:], ((0, 0), (0, shift)))
         if merge:
             slot_mask, word_mask = slot_masks(word_ids, l)
+            tail_mode = _get(tcfg, "full_length_tail", "keep")
+            if tail_mode == "drop":
+                dropped = full_length_tail(word_ids)
+                # The dropped slots are exactly the ones their tokens would have filled.
+                gone = (jnp.where(dropped, word_ids, -1)[:, :, None] == jnp.arange(l)[None, None, :]).any(axis=1)
+                word_ids = jnp.where(dropped, -1, word_ids)
+                slot_mask, word_mask = slot_mask & ~gone, word_mask & ~gone
+            elif tail_mode != "keep":
+                raise ValueError(f"config.model.text.full_length_tail must be 'keep' or 'drop', got {tail_mode!r}")
             word_feat = merge_slots(out["tokens"], word_ids, l)
             word_attn = merge_slots(token_attn, word_ids, l)
         else:
@@ -298,9 +331,14 @@ class DualEncoder(nn.Module):
             # Tokens are slots; padded ones are zeroed so both modes hand the word head the same padding.
             word_feat = jnp.where(slot_mask[:, :, None], out["tokens"].astype(jnp.float32), 0.0)
             word_attn = jnp.where(slot_mask, token_attn, 0.0)
-        # Global feature: [CLS] (papers) or the mean over the occupied token positions ("mean").
-        if _get(tcfg, "pool", "cls") == "cls":
+        # Global feature: [CLS] (papers), the mean over the occupied token positions ("mean"), or GLoRIA's
+        # sentence vector ("mean_all_slots": the merged slot features summed over all l slots, padding included,
+        # divided by l).
+        pool = _get(tcfg, "pool", "cls")
+        if pool == "cls":
             pooled = out["cls"]
+        elif pool == "mean_all_slots":
+            pooled = jnp.mean(word_feat, axis=1).astype(out["tokens"].dtype)
         else:
             m = attention_mask.astype(out["tokens"].dtype)[:, :, None]
             pooled = jnp.sum(out["tokens"] * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
@@ -334,6 +372,9 @@ def build_model(model_cfg: Any) -> DualEncoder:
     """The DualEncoder for ``config.model`` (validates the image name and dtype eagerly)."""
     build_image_tower(model_cfg)
     compute_dtype(model_cfg)
+    tail = _get(_get(model_cfg, "text", {}), "full_length_tail", "keep")
+    if tail not in ("keep", "drop"):
+        raise ValueError(f"config.model.text.full_length_tail must be 'keep' or 'drop', got {tail!r}")
     for role in HEAD_ROLES:
         kind = build_head(model_cfg, role).kind
         if kind not in HEAD_KINDS:

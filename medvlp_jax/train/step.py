@@ -5,7 +5,8 @@
 Inside: objective-owned parameter preparation (outside the gradient), optional EMA-teacher forward,
 forward + objective + gradient (optionally accumulated over micro-batches with lax.scan), AdamW update,
 per-leaf freezing from ``objective.trainable(step)``, a finiteness guard (a non-finite loss or gradient
-leaves params, optimiser and BatchNorm state untouched and is counted), and the EMA update.
+leaves params, optimiser and BatchNorm state untouched and is counted), the objective's running-statistics
+update (``objective.update_state``, finite steps only) and the EMA update.
 """
 from __future__ import annotations
 
@@ -113,6 +114,10 @@ def make_train_step(model, objective, tx: optax.GradientTransformation, schedule
         new_params = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_params, params)
         new_opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_opt_state, state.opt_state)
         new_model_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_model_state, state.model_state)
+        if objective.update_state is not None:    # running statistics reported by the loss (no gradient)
+            method, metrics = objective.update_state(new_params["method"], metrics)
+            method = jax.tree.map(lambda n, o: jnp.where(finite, n, o), method, new_params["method"])
+            new_params = dict(new_params, method=method)
         ema = state.ema_params
         if ema is not None:
             d = objective.ema_decay

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from medvlp_jax.methods import OBJECTIVES, aga, make_objective
+from medvlp_jax.methods import OBJECTIVES, aga, common, make_objective
 from medvlp_jax.types import EncoderOutputs
 
 B, T, P, D = 4, 7, 5, 6
@@ -369,3 +369,109 @@ def test_config_validation_and_registration():
     out = random_outputs(0)
     with pytest.raises(ValueError, match="theta_init"):
         objective(theta_init=0.99).init(jax.random.PRNGKey(0), out)
+
+
+# ---- issue 13: ITC weight and the within-pair group-to-group BCGA ---------------------------------------
+
+def np_pair_bcga(params, out, valid, tau=0.07, theta_max=0.95, kappa=0.05):
+    """Within-pair BCGA from the module docstring: per pair, every visual group vs every language group."""
+    W, Pt = np.asarray(out.word_emb, np.float64), np.asarray(out.patch_emb, np.float64)
+    mask = np.asarray(out.word_mask)
+    per_pair = []
+    for bi in range(len(W)):
+        if not valid[bi]:
+            continue
+        words = [W[bi, k] for k in range(W.shape[1]) if mask[bi, k]]
+        g_v, g_t, alpha, _ = np_pair(params, words, Pt[bi], kappa=kappa, theta_max=theta_max)
+        tbar = np.mean(words, 0)
+        lo = min(1.0 / len(words), theta_max)
+        beta = [np_group(v, words, np_gate(params["vis_gate"], v, tbar, lo, theta_max), kappa, False)
+                for v in Pt[bi]]
+        z = np.array([[np.dot(gv, gt) / tau for gt in g_t] for gv in g_v])          # [n words, p]
+        lang = [-sum(alpha[i][j] * (z[i, j] - np_logsumexp(z[i])) for j in range(z.shape[1]))
+                for i in range(len(words))]
+        vis = [-sum(beta[j][i] * (z[i, j] - np_logsumexp(z[:, j])) for i in range(len(words)))
+               for j in range(z.shape[1])]
+        per_pair.append(0.5 * (np.mean(lang) + np.mean(vis)))
+    return np.mean(per_pair)
+
+
+def test_pair_bcga_matches_numpy_and_leaves_the_other_terms_unchanged():
+    out = random_outputs(12)
+    params = random_params(objective(), out)
+    valid = np.array([True, False, True, True])
+    batch = {"valid": jnp.asarray(valid)}
+    _, pooled = run(objective(), params, out, batch)
+    total, pair = run(objective(bcga_mode="pair"), params, out, batch)
+    np.testing.assert_allclose(float(pair["loss/bcga"]), np_pair_bcga(np_numpy_params(params), out, valid),
+                               rtol=2e-5)
+    for k in ("loss/itc", "loss/iga", "loss/i2t", "loss/t2i", "gate/theta_lang", "gate/theta_vis"):
+        assert float(pair[k]) == float(pooled[k]), k
+    np.testing.assert_allclose(float(total), float(pair["loss/itc"] + pair["loss/iga"] + pair["loss/bcga"]),
+                               rtol=1e-6)
+
+
+def test_pair_bcga_of_a_pair_ignores_the_other_pairs():
+    out = random_outputs(13)
+    params = random_params(objective(), out)
+    settings = aga.AgaConfig(bcga_mode="pair")
+    gates = aga.make_gates(settings, P, T)
+
+    @jax.jit
+    def per_pair(o):
+        g = aga.pair_groups(params, o.word_emb, o.word_mask, o.patch_emb, settings, gates)
+        return aga.bcga_pair_per_pair(o.word_mask, g, settings.bcga_temperature)
+
+    ref = np.asarray(per_pair(out))
+    other = random_outputs(14, n_words=(3, 6, 2, 2))
+    mixed = jax.tree_util.tree_map(lambda u, v: jnp.concatenate([u[:1], v[1:]], 0), out, other)
+    got = np.asarray(per_pair(mixed))
+    assert got[0] == pytest.approx(ref[0], rel=1e-6) and not np.allclose(got[1:], ref[1:])
+    empty = out.replace(word_mask=out.word_mask.at[2].set(False))
+    assert float(per_pair(empty)[2]) == 0.0                           # a pair without words contributes 0
+
+
+def test_pair_bcga_gradients_match_finite_differences():
+    """The targets alpha, beta are stop-gradient: hold them at their base values, and the finite differences of
+    the term must match its gradient (through the groups g^v, g^t, the gates included)."""
+    with jax.enable_x64(True):
+        out = random_outputs(15, dtype=np.float64)
+        settings = aga.AgaConfig(bcga_mode="pair")
+        gates = aga.make_gates(settings, P, T)
+        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), random_params(objective(), out))
+        mask, valid = out.word_mask, jnp.asarray([True, True, False, True])
+        base = aga.pair_groups(params, out.word_emb, mask, out.patch_emb, settings, gates)
+
+        def f(prm, words, patches):
+            g = aga.pair_groups(prm, words, mask, patches, settings, gates)
+            g = dict(g, alpha=base["alpha"], beta=base["beta"])
+            return common.masked_mean(aga.bcga_pair_per_pair(mask, g, settings.bcga_temperature), valid)
+
+        _, (g_prm, g_w, g_p) = assert_grads_match_finite_differences(f, (params, out.word_emb, out.patch_emb))
+        assert float(jnp.abs(g_w).sum()) > 0 and float(jnp.abs(g_p).sum()) > 0
+        assert float(jnp.abs(g_prm["lang_gate"]["out"]["bias"]).sum()) > 0
+        # Within-pair group terms only: the global embeddings get no gradient from the whole objective.
+        obj = objective(bcga_mode="pair", lambda_itc=0.0)
+        loss = lambda img, txt: obj.loss(params, out.replace(img_emb=img, txt_emb=txt), {}, 0)[0]
+        g_img, g_txt = jax.grad(loss, argnums=(0, 1))(out.img_emb, out.txt_emb)
+        assert float(jnp.abs(g_img).sum()) == 0.0 and float(jnp.abs(g_txt).sum()) == 0.0
+
+
+def test_itc_weight_scales_only_the_itc_term_and_zero_removes_it():
+    out = random_outputs(16)
+    params = random_params(objective(), out)
+    t1, m1 = run(objective(), params, out)
+    assert aga.AgaConfig().lambda_itc == 1.0
+    # Default: today's sum, in today's order, bit for bit.
+    f32 = np.float32
+    assert np.asarray(t1) == f32(f32(m1["loss/itc"]) + f32(m1["loss/iga"])) + f32(m1["loss/bcga"])
+    t0, m0 = run(objective(lambda_itc=0.0), params, out)
+    th, mh = run(objective(lambda_itc=0.5), params, out)
+    for k in m1:
+        assert float(m0[k]) == float(m1[k]) == float(mh[k]), k          # every term is still reported
+    np.testing.assert_allclose(float(t0), float(m1["loss/iga"] + m1["loss/bcga"]), rtol=1e-6)
+    np.testing.assert_allclose(float(th), float(0.5 * m1["loss/itc"] + m1["loss/iga"] + m1["loss/bcga"]), rtol=1e-6)
+    # Off means left out: a non-finite global embedding cannot reach the loss of the within-pair terms.
+    bad = out.replace(img_emb=out.img_emb.at[0, 0].set(jnp.nan))
+    t_bad, m_bad = run(objective(lambda_itc=0.0, bcga_mode="pair"), params, bad)
+    assert np.isnan(float(m_bad["loss/itc"])) and np.isfinite(float(t_bad))

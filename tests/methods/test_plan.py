@@ -90,15 +90,24 @@ def np_softmax(x):
     return e / e.sum()
 
 
-def np_map(word, patches, tau, teacher=None, gamma=0.5):
-    """A over patches for one word (optionally times the teacher map ** gamma, renormalised)."""
+def np_map(word, patches, tau, teacher=None, gamma=0.5, extra=None):
+    """A over patches for one word (optionally times the teacher map ** gamma and an ``extra`` prior over the
+    patches, renormalised)."""
     a = np_softmax([np.dot(word, pk) / tau for pk in patches])
     if teacher is not None:
         t_word, t_patches = teacher
         abar = np_softmax([np.dot(t_word, pk) / tau for pk in t_patches])
         a = a * abar ** gamma
         a = a / a.sum()
+    if extra is not None:
+        a = a * extra
+        a = a / a.sum()
     return a
+
+
+def np_pixel_importance(words, omega0, patches, tau):
+    """pi over the patches of one image for one report: softmax_k(sum_t omega0_t <w_t, p_k> / tau)."""
+    return np_softmax([sum(omega0[k] * np.dot(words[k], pk) for k in range(len(words))) / tau for pk in patches])
 
 
 def np_mgca_weights(attn_row, mask_row, lo=0.1, hi=0.9):
@@ -116,8 +125,10 @@ def np_bidir_sum(logits, valid):
 
 
 def np_plan(out, stage, valid=None, teacher=None, tau_w2=0.1, tau_w3=0.05, tau_agg=5.0, tau_r=0.1,
-            rho_ns=0.3, eta=0.9, gamma=0.5, weights="mgca"):
-    """Returns {"itc", "loc", "cons", "kept"} for a stage (1, 2 or 3), from the equations."""
+            rho_ns=0.3, eta=0.9, gamma=0.5, weights="mgca", pixel_beta=0.0, run_prior=None, run_gamma=0.0):
+    """Returns {"itc", "loc", "cons", "kept"} for a stage (1, 2 or 3), from the equations.
+
+    pixel_beta: pixel-importance exponent; run_prior, run_gamma: running map prior m [p] and its exponent."""
     f = lambda x: np.asarray(x, np.float64)
     img, txt, W, Pt, attn = f(out.img_emb), f(out.txt_emb), f(out.word_emb), f(out.patch_emb), f(out.word_attn)
     mask = np.asarray(out.word_mask)
@@ -130,12 +141,21 @@ def np_plan(out, stage, valid=None, teacher=None, tau_w2=0.1, tau_w3=0.05, tau_a
     tau = tau_w2 if stage == 2 else tau_w3
     tW, tP = (f(teacher.word_emb), f(teacher.patch_emb)) if stage == 3 else (None, None)
     prior = (lambda a, k, bb: (tW[a, k], tP[bb])) if stage == 3 else (lambda a, k, bb: None)
+    omega0 = [np_mgca_weights(attn[a], mask[a]) if weights == "mgca" else mask[a] / mask[a].sum() for a in range(b)]
+
+    def extra(a, bb):
+        e = np.ones(p)
+        if pixel_beta:
+            e = e * np_pixel_importance(W[a], omega0[a], Pt[bb], tau) ** pixel_beta
+        if run_gamma:
+            e = e * np.asarray(run_prior, np.float64) ** run_gamma
+        return e if (pixel_beta or run_gamma) else None
     # Words kept: entropy of the positive-pair (prior-refined) map.
     kept = np.zeros((b, t), bool)
     for a in range(b):
         for k in range(t):
             if mask[a, k]:
-                am = np_map(W[a, k], Pt[a], tau, prior(a, k, a), gamma)
+                am = np_map(W[a, k], Pt[a], tau, prior(a, k, a), gamma, extra(a, a))
                 kept[a, k] = -np.sum(am * np.log(am)) <= eta * math.log(p)
         if not kept[a].any():
             kept[a] = mask[a]
@@ -151,7 +171,7 @@ def np_plan(out, stage, valid=None, teacher=None, tau_w2=0.1, tau_w3=0.05, tau_a
             for k in range(t):
                 if not kept[a, k]:
                     continue
-                am = np_map(W[a, k], Pt[bb], tau, prior(a, k, bb), gamma)
+                am = np_map(W[a, k], Pt[bb], tau, prior(a, k, bb), gamma, extra(a, bb))
                 am = np.where(am >= rho_ns * am.max(), am, 0.0)      # noise suppression (stage >= 2)
                 am = am / am.sum()
                 rho = sum(am[j] * Pt[bb, j] for j in range(p))
@@ -336,3 +356,153 @@ def test_config_validation_and_registration():
     with pytest.raises(ValueError, match="stage3_start_epoch"):
         objective(stage2_start_epoch=5, stage3_start_epoch=2)
     assert isinstance(plan.PlanConfig(), plan.PlanConfig)
+
+
+# ---- issue 13: pixel importance, running map prior, the ResNet path ------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def jitted_loss_with_params(obj):
+    return jax.jit(lambda prm, o, batch, step, t: obj.loss(prm, o, batch, step, teacher_out=t))
+
+
+def run_p(obj, prm, out, step, teacher=None, batch=None):
+    return jitted_loss_with_params(obj)(prm, out, batch or {}, jnp.asarray(step, jnp.int32),
+                                        teacher if teacher is not None else out)
+
+
+def test_pixel_importance_matches_numpy_and_changes_only_the_local_maps():
+    out = random_outputs(20)
+    teacher = teacher_of(out)
+    eta = entropy_quantile_eta(out)
+    on, off = objective(ns_entropy=eta, pixel_importance=1.5), objective(ns_entropy=eta)
+    assert plan.PlanConfig().pixel_importance == 0.0
+    for step, stage in ((6, 2), (13, 3)):
+        ref = np_plan(out, stage, teacher=teacher, eta=eta, pixel_beta=1.5)
+        _, m = run(on, out, step, teacher)
+        _, m_off = run(off, out, step, teacher)
+        np.testing.assert_allclose(float(m["loss/loc"]), ref["loc"], rtol=1e-4, err_msg=str(step))
+        np.testing.assert_allclose(float(m["plan/kept_words"]), ref["kept"], rtol=1e-6)
+        assert abs(float(m["loss/loc"]) - float(m_off["loss/loc"])) > 1e-4
+        for k in ("loss/itc", "loss/cons", "plan/lambda_loc", "plan/tau_w"):   # L_cons reads the raw maps
+            assert float(m[k]) == float(m_off[k]), (step, k)
+    # The maps handed to grounding carry the same prior.
+    maps = np.asarray(jax.jit(on.similarity_maps)({}, out))
+    W, Pt, mask = np.asarray(out.word_emb, np.float64), np.asarray(out.patch_emb, np.float64), np.asarray(out.word_mask)
+    attn = np.asarray(out.word_attn, np.float64)
+    for i in range(B):
+        pi = np_pixel_importance(W[i], np_mgca_weights(attn[i], mask[i]), Pt[i], 0.05)
+        for k in np.flatnonzero(mask[i]):
+            a = np_map(W[i, k], Pt[i], 0.05, extra=pi ** 1.5)
+            a = np.where(a >= 0.3 * a.max(), a, 0.0)
+            np.testing.assert_allclose(maps[i, k], a / a.sum(), atol=1e-5)
+
+
+def np_batch_map(out, valid, tau):
+    W, Pt, mask = np.asarray(out.word_emb, np.float64), np.asarray(out.patch_emb, np.float64), np.asarray(out.word_mask)
+    maps = [np_map(W[i, k], Pt[i], tau) for i in range(len(W)) for k in range(W.shape[1]) if mask[i, k] and valid[i]]
+    return np.mean(maps, axis=0)
+
+
+def test_running_prior_refines_the_maps_and_its_update_matches_numpy():
+    out = random_outputs(21)
+    teacher = teacher_of(out)
+    eta = entropy_quantile_eta(out)
+    obj = objective(ns_entropy=eta, running_prior_gamma=0.7, running_prior_momentum=0.9)
+    prm0 = obj.init(jax.random.PRNGKey(0), out)
+    np.testing.assert_allclose(prm0["map_prior"], np.full(P, 1.0 / P), rtol=1e-7)
+    assert obj.trainable(0) == {"map_prior": False} and objective().update_state is None
+    m = np.random.default_rng(22).dirichlet(np.ones(P)).astype(np.float32)
+    prm = {"map_prior": jnp.asarray(m)}
+    valid = np.array([True, True, False, True, True])
+    batch = {"valid": jnp.asarray(valid)}
+    _, m_off = run(objective(ns_entropy=eta), out, 13, teacher, batch)
+    for step, stage, tau in ((0, 1, 0.1), (6, 2, 0.1), (13, 3, 0.05)):
+        _, got = run_p(obj, prm, out, step, teacher, batch)
+        ref = np_plan(out, stage, valid=valid, teacher=teacher, eta=eta, run_prior=m, run_gamma=0.7)
+        np.testing.assert_allclose(float(got["loss/loc"]), ref["loc"], rtol=1e-4, atol=1e-7, err_msg=str(step))
+        np.testing.assert_allclose(np.asarray(got["plan/map_batch"]), np_batch_map(out, valid, tau), atol=1e-6)
+        np.testing.assert_allclose(float(got["plan/map_prior_entropy"]), -np.sum(m * np.log(m)), rtol=1e-5)
+    for k in ("loss/itc", "loss/cons"):
+        assert float(got[k]) == float(m_off[k]), k
+    new, rest = obj.update_state(prm, got)
+    np.testing.assert_allclose(new["map_prior"], 0.9 * m + 0.1 * np.asarray(got["plan/map_batch"]), rtol=1e-6)
+    assert "plan/map_batch" not in rest and "plan/map_batch" in got and set(rest) == set(got) - {"plan/map_batch"}
+    # A batch without a valid word leaves the prior where it is.
+    _, none = run_p(obj, prm, out, 6, teacher, {"valid": jnp.zeros(B, bool)})
+    np.testing.assert_allclose(np.asarray(none["plan/map_batch"]), m, rtol=1e-7)
+
+
+class _FakeModel:
+    """Stands in for the DualEncoder: embeddings are free parameters (normalised), masks come from the batch."""
+
+    def apply(self, variables, batch, train=True, rngs=None, mutable=None):
+        del train, rngs, mutable
+        p = variables["params"]
+        n = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+        return EncoderOutputs(
+            img_emb=n(p["img"]), txt_emb=n(p["txt"]), patch_emb=n(p["patch"]), word_emb=n(p["word"]),
+            word_mask=batch["word_mask"], slot_mask=batch["slot_mask"], word_attn=batch["word_attn"],
+            patch_attn=None, img_feat=None, txt_feat=None, patch_feat=None, word_feat=None, grid=(2, P // 2))
+
+
+def test_train_step_carries_the_running_prior_without_gradient():
+    import optax
+
+    from medvlp_jax import sharding as sharding_lib
+    from medvlp_jax.train.state import TrainState
+    from medvlp_jax.train.step import make_train_step
+
+    b = 8                                                         # one row per (fake CPU) device
+    out = random_outputs(23, b=b, n_words=(3, 5, 2, 4, 1, 2, 5, 3))
+    obj = objective(stage2_start_epoch=0, stage3_start_epoch=None, running_prior_gamma=0.5,
+                    running_prior_momentum=0.8)
+    enc = {"img": out.img_emb, "txt": out.txt_emb, "patch": out.patch_emb, "word": out.word_emb}
+    params = {"encoders": enc, "method": obj.init(jax.random.PRNGKey(1), out)}
+    tx = optax.adamw(1e-2, weight_decay=0.5)                      # decay would show if the prior were optimised
+    state0 = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state={}, opt_state=tx.init(params),
+                        rng=jax.random.PRNGKey(0), ema_params=None, nonfinite_steps=jnp.zeros((), jnp.int32))
+    batch = {"word_mask": out.word_mask, "slot_mask": out.slot_mask, "word_attn": out.word_attn,
+             "valid": jnp.ones((b,), bool)}
+    train_step = make_train_step(_FakeModel(), obj, tx, lambda s: 1e-2)
+    step = jax.jit(train_step)
+    state = state0
+    for _ in range(3):
+        prior = np.asarray(state.params["method"]["map_prior"])
+        o = _FakeModel().apply({"params": state.params["encoders"]}, batch)
+        _, m = obj.loss(state.params["method"], o, batch, state.step)
+        state, metrics = step(state, batch)
+        want = 0.8 * prior + 0.2 * np.asarray(m["plan/map_batch"])
+        np.testing.assert_allclose(state.params["method"]["map_prior"], want, rtol=1e-5, atol=1e-7)
+        assert "plan/map_batch" not in metrics and "plan/map_prior_entropy" in metrics
+    assert np.abs(np.asarray(state.params["method"]["map_prior"]) - 1.0 / P).max() > 1e-4
+    # A non-finite step leaves the prior (like every parameter) untouched.
+    enc_bad = dict(state.params["encoders"], img=state.params["encoders"]["img"].at[0, 0].set(jnp.nan))
+    bad = state.replace(params=dict(state.params, encoders=enc_bad))
+    after_bad, bad_metrics = step(bad, batch)
+    assert float(bad_metrics["train/finite"]) == 0.0
+    np.testing.assert_array_equal(after_bad.params["method"]["map_prior"], state.params["method"]["map_prior"])
+    # The batch sharded over the devices gives the same prior (a global mean under jit).
+    mesh = sharding_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))     # as training builds it
+    assert mesh.size > 1 and b % mesh.size == 0                  # tests/conftest.py: 8 CPU devices
+    sharded = jax.device_put(batch, sharding_lib.batch_sharding(mesh))
+    s1, _ = jax.jit(train_step, in_shardings=(sharding_lib.replicated(mesh), sharding_lib.batch_sharding(mesh)),
+                    out_shardings=(sharding_lib.replicated(mesh), sharding_lib.replicated(mesh)))(state0, sharded)
+    s2, _ = step(state0, batch)
+    np.testing.assert_allclose(s1.params["method"]["map_prior"], s2.params["method"]["map_prior"],
+                               rtol=1e-6, atol=1e-8)
+
+
+def test_resnet_variant_is_the_papers_encoder_family():
+    from configs import plan as plan_config
+    from medvlp_jax.models import dual_encoder as de
+
+    c = plan_config.get_config("image=resnet")                    # paper variant
+    img = c.model.image
+    assert c.variant == "paper" and img.name == "resnet50" and img.resize_to == 299
+    assert tuple(img.stage_sizes) == (3, 4, 6, 3) and img.width == 64 and c.data.crop == 224
+    assert c.method.name == "plan" and plan_config.get_config().model.image.name == "vit"
+    model = de.build_model(c.model)
+    batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), de.example_batch(c.model, 1, 8))
+    o, _ = jax.eval_shape(lambda bt: model.init_with_output(jax.random.key(0), bt, train=False), batch)
+    assert o.grid == (19, 19) and o.patch_emb.shape == (1, 361, c.model.proj.dim)
+    assert o.img_feat.shape == (1, 2048) and o.patch_feat.shape == (1, 361, 1024) and o.patch_attn is None

@@ -293,3 +293,84 @@ def test_config_validation_and_registration():
         objective(fn_treshold=0.8)
     with pytest.raises(ValueError, match="sia_variant"):
         objective(sia_variant="drop")
+
+
+# ---- STA direction (issue 13): patches select their words ----------------------------------------------
+
+def np_sta_p2w(word, patch, mask, valid, tau, sparsify="threshold", topk=16, threshold=None):
+    """Patch -> word STA from the module docstring's equations, one loop per pair and patch."""
+    b, p = patch.shape[:2]
+    per_pair, betas = [], np.zeros((b, p, word.shape[1]))
+    for bi in range(b):
+        words = [k for k in range(word.shape[1]) if mask[bi, k]]
+        groups = []
+        for j in range(p):
+            raw = np.array([np.dot(patch[bi, j], word[bi, k]) for k in words])
+            s = (raw - raw.min()) / (raw.max() - raw.min() + 1e-6)
+            if sparsify == "topk":
+                order = sorted(range(len(words)), key=lambda i: -s[i])[:min(topk, len(words))]
+                s = np.array([s[i] if i in order else 0.0 for i in range(len(words))])
+            else:
+                thr = 1.0 / len(words) if threshold is None else threshold
+                s = np.array([v if v >= thr else 0.0 for v in s])
+            w = s / s.sum() if s.sum() > 0 else np.eye(len(words))[int(np.argmax(raw))]
+            betas[bi, j, words] = w
+            v = sum(w[i] * word[bi, k] for i, k in enumerate(words))
+            groups.append(v / np.linalg.norm(v))
+        if not valid[bi]:
+            continue
+        ces = []
+        for j in range(p):
+            row = [np.dot(groups[j], patch[bi, l]) / tau for l in range(p)]
+            col = [np.dot(patch[bi, j], groups[l]) / tau for l in range(p)]
+            ces.append((-row[j] + np_logsumexp(row)) + (-col[j] + np_logsumexp(col)))
+        per_pair.append(0.5 * np.mean(ces))
+    return np.mean(per_pair), betas
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(sta_sparsify="topk", sta_topk=2), dict(sta_threshold=0.5)])
+def test_sta_patch_to_word_and_both_match_numpy(kw):
+    out = random_outputs(11, n_words=(1, 5, 2, 6, 4))               # report 0 has one word: the fallback
+    valid = np.array([True, True, False, True, True])
+    x = to_np(out)
+    args = (x["word_emb"], x["patch_emb"], x["mask"])
+    sparsify = (kw.get("sta_sparsify", "threshold"), kw.get("sta_topk", 16))
+    p2w, betas = np_sta_p2w(*args, valid, 0.1, *sparsify, kw.get("sta_threshold"))
+    w2p, alphas = np_sta(*args, x["word_attn"], valid, 0.1, *sparsify, "uniform", kw.get("sta_threshold"))
+    batch = {"valid": jnp.asarray(valid)}
+    ms = {d: run(objective(sta_direction=d, **kw), out, batch)[1] for d in ("word_to_patch", "patch_to_word", "both")}
+    np.testing.assert_allclose(float(ms["patch_to_word"]["loss/sta"]), p2w, rtol=1e-5)
+    np.testing.assert_allclose(float(ms["both"]["loss/sta"]), 0.5 * (p2w + w2p), rtol=1e-5)
+    np.testing.assert_allclose(float(ms["word_to_patch"]["loss/sta"]), w2p, rtol=1e-5)
+    assert abs(p2w - w2p) > 1e-3
+    for d in ("patch_to_word", "both"):      # nothing but STA changes
+        for k in ("loss/sia", "loss/i2t", "loss/t2i", "sia/false_negative_fraction"):
+            assert float(ms[d][k]) == float(ms["word_to_patch"][k]), (d, k)
+    maps = np.asarray(objective(sta_direction="patch_to_word", **kw).similarity_maps({}, out))
+    np.testing.assert_allclose(maps, np.where(x["mask"][..., None], betas.transpose(0, 2, 1), 0.0), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(objective(sta_direction="both", **kw).similarity_maps({}, out)),
+                               np.where(x["mask"][..., None], alphas, 0.0), atol=1e-5)
+
+
+def test_sta_default_direction_is_word_to_patch():
+    out = with_near_duplicates(random_outputs(12))
+    a, ma = run(objective(), out)
+    b, mb = run(objective(sta_direction="word_to_patch"), out)
+    assert sista.SistaConfig().sta_direction == "word_to_patch"
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for k in ma:
+        np.testing.assert_array_equal(np.asarray(ma[k]), np.asarray(mb[k]), err_msg=k)
+
+
+def test_sta_patch_to_word_gradients_match_finite_differences():
+    with jax.enable_x64(True):
+        out = random_outputs(13, dtype=np.float64)
+        obj = objective(sta_direction="both", lambda_sia=0.0)
+
+        def f(words, patches):
+            return obj.loss({}, out.replace(word_emb=words, patch_emb=patches), {}, 10)[0]
+
+        _, (gw, gp) = assert_grads_match_finite_differences(f, (out.word_emb, out.patch_emb))
+        assert float(jnp.abs(gw).sum()) > 0 and float(jnp.abs(gp).sum()) > 0
+    with pytest.raises(ValueError, match="sta_direction"):
+        objective(sta_direction="patches")

@@ -236,3 +236,83 @@ def test_loaded_minilm_tower_matches_torch_inside_dual_encoder():
     real = batch["attention_mask"].astype(bool)
     np.testing.assert_allclose(np.asarray(txt.word_feat)[real], want[real], atol=1e-4)
     assert (np.asarray(txt.word_feat)[~real] == 0).all()
+
+
+# ---- issue 13: [UNK] slots and MGCA's full-length reports ------------------------------------------------
+
+# Row 0: [CLS] mild cardio ##megaly no eff ##usion [SEP] -- exactly l = 8 tokens, [SEP] at l - 1.
+# Row 1: [CLS] small [UNK] seen [SEP] [PAD] [PAD] [PAD] -- short, an [UNK] in the middle (its own slot).
+FULL_AND_UNK_IDS = np.array([[0, 1, 2, 2, 3, 4, 4, 5], [0, 1, 2, 3, 4, -1, -1, -1]], np.int32)
+
+
+def _full_and_unk_batch():
+    rng = np.random.default_rng(7)
+    mask = (FULL_AND_UNK_IDS >= 0).astype(np.int32)
+    ids = np.where(mask > 0, rng.integers(5, 50, mask.shape), 0).astype(np.int32)
+    return dict(image=np.zeros((2, 32, 32, 3), np.float32), input_ids=ids, attention_mask=mask,
+                word_ids=FULL_AND_UNK_IDS.copy())
+
+
+def test_full_length_tail_drop_reproduces_mgca_aggregation(tiny_vit):
+    cfg, variables = tiny_vit
+    batch = _full_and_unk_batch()
+    per_token = cfg.copy_and_resolve_references()
+    per_token.text.merge_word_pieces = False
+    tok = _encode_text(per_token, variables, batch)
+    tf, ta = np.asarray(tok.word_feat), np.asarray(tok.word_attn)
+    z = np.zeros_like(tf[0, 0])
+
+    def encode(tail, shift):
+        c = cfg.copy_and_resolve_references()
+        c.text.full_length_tail, c.text.word_attn_shift = tail, shift
+        return _encode_text(c, variables, batch)
+
+    # Authors (drop + off-by-one): the loop visits tokens 0..6 only; "effusion" (tokens 5-6) is never
+    # flushed and [SEP] never reached. Token i carries the attention on key i + 1.
+    drop = encode("drop", 1)
+    np.testing.assert_allclose(drop.word_feat[0], np.stack([tf[0, 0], tf[0, 1], tf[0, 2] + tf[0, 3], tf[0, 4],
+                                                            z, z, z, z]), atol=1e-5)
+    np.testing.assert_allclose(drop.word_attn[0], [ta[0, 1], ta[0, 2], ta[0, 3] + ta[0, 4], ta[0, 5], 0, 0, 0, 0],
+                               atol=1e-6)
+    np.testing.assert_array_equal(drop.slot_mask[0], [1, 1, 1, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(drop.word_mask[0], [0, 1, 1, 1, 0, 0, 0, 0])
+    # Before issue 13 (keep + off-by-one): both slots kept, the last word gets [SEP]'s attention.
+    keep = encode("keep", 1)
+    np.testing.assert_allclose(keep.word_attn[0], [ta[0, 1], ta[0, 2], ta[0, 3] + ta[0, 4], ta[0, 5],
+                                                   ta[0, 6] + ta[0, 7], 0, 0, 0], atol=1e-6)
+    np.testing.assert_array_equal(keep.slot_mask[0], [1, 1, 1, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(keep.word_mask[0], [0, 1, 1, 1, 1, 0, 0, 0])
+    # Fixed (keep, own attention): every slot with its own tokens' attention.
+    fixed = encode("keep", 0)
+    np.testing.assert_allclose(fixed.word_attn[0], [ta[0, 0], ta[0, 1], ta[0, 2] + ta[0, 3], ta[0, 4],
+                                                    ta[0, 5] + ta[0, 6], ta[0, 7], 0, 0], atol=1e-6)
+    np.testing.assert_allclose(fixed.word_feat[0, 4], tf[0, 5] + tf[0, 6], atol=1e-5)
+    # The short row is untouched by the switch (bit for bit), its [UNK] a word slot in every mode.
+    drop0 = encode("drop", 0)
+    for name in ("word_feat", "word_attn", "word_emb", "slot_mask", "word_mask", "txt_emb"):
+        np.testing.assert_array_equal(np.asarray(getattr(drop0, name))[1], np.asarray(getattr(fixed, name))[1])
+    np.testing.assert_array_equal(fixed.word_mask[1], [0, 1, 1, 1, 0, 0, 0, 0])       # small [UNK] seen
+    np.testing.assert_allclose(fixed.word_feat[1, 2], tf[1, 2], atol=1e-5)             # the [UNK] token's state
+    # Only the dropped slots change in the full-length row.
+    np.testing.assert_array_equal(np.asarray(drop0.word_feat)[0, :4], np.asarray(fixed.word_feat)[0, :4])
+    np.testing.assert_array_equal(np.asarray(drop0.txt_emb), np.asarray(fixed.txt_emb))
+
+
+def test_unk_slot_versus_the_rule_before_issue_13(tiny_vit):
+    """The same tokens, [UNK] with a slot (now) or without (skip_special): only the slots move."""
+    cfg, variables = tiny_vit
+    batch = _full_and_unk_batch()
+    old = dict(batch, word_ids=np.array([FULL_AND_UNK_IDS[0], [0, 1, -1, 2, 3, -1, -1, -1]], np.int32))
+    new, before = _encode_text(cfg, variables, batch), _encode_text(cfg, variables, old)
+    np.testing.assert_allclose(np.asarray(new.word_feat)[1, [0, 1, 3, 4]], np.asarray(before.word_feat)[1, :4],
+                               atol=1e-6)
+    np.testing.assert_array_equal(before.word_mask[1], [0, 1, 1, 0, 0, 0, 0, 0])
+    assert float(np.abs(np.asarray(new.word_feat)[1, 2]).sum()) > 0                  # the [UNK] slot is filled
+    np.testing.assert_array_equal(np.asarray(new.word_feat)[0], np.asarray(before.word_feat)[0])
+
+
+def test_full_length_tail_value_is_checked():
+    cfg = _cfg()
+    cfg.text.full_length_tail = "truncate"
+    with pytest.raises(ValueError, match="full_length_tail"):
+        de.build_model(cfg)
