@@ -18,7 +18,7 @@ Parameter tree (``params``)::
 
     word_embeddings/embedding [vocab, w]
     position_embeddings/embedding [max_position, w]
-    token_type_embeddings/embedding [type_vocab, w]
+    token_type_embeddings/embedding [type_vocab, w]   (absent when type_vocab_size == 0)
     embeddings_ln/{scale, bias}
     layer_{i}/{attn/{query, key, value, out}, attn_ln, mlp_in, mlp_out, mlp_ln}
     pooler/{kernel, bias}                      (only with add_pooler=True)
@@ -72,7 +72,7 @@ class Bert(nn.Module):
       num_heads: attention heads.
       mlp_dim: intermediate size.
       max_position: number of learned positions (512).
-      type_vocab_size: token-type vocabulary (2).
+      type_vocab_size: token-type vocabulary (2); 0 builds no token-type embedding (MGCA's BLIP BERT).
       layer_norm_eps: 1e-12 as in BERT.
       dropout: hidden dropout (embeddings, attention output, MLP output), active only when train=True.
       attention_dropout: dropout on attention probabilities, active only when train=True.
@@ -132,8 +132,9 @@ class Bert(nn.Module):
 
         embed = lambda n, name: nn.Embed(n, self.width, embedding_init=_INIT, name=name)
         x = (embed(self.vocab_size, "word_embeddings")(input_ids)
-             + embed(self.max_position, "position_embeddings")(position_ids)
-             + embed(self.type_vocab_size, "token_type_embeddings")(token_type_ids))
+             + embed(self.max_position, "position_embeddings")(position_ids))
+        if self.type_vocab_size > 0:   # 0: no token-type table at all (MGCA's BLIP BERT has none)
+            x = x + embed(self.type_vocab_size, "token_type_embeddings")(token_type_ids)
         x = nn.LayerNorm(self.layer_norm_eps, use_fast_variance=False, name="embeddings_ln")(x)
         x = nn.Dropout(self.dropout)(x, deterministic=not train).astype(self.dtype)
 

@@ -1,0 +1,69 @@
+"""Shape checks against the model an imported config builds, and writing the pretraining workdir.
+
+The workdir has the layout of one of our pretraining runs (what ``evaluators.common.load_run`` restores):
+``config.json``, ``checkpoints/0/{state,data}`` (a whole ``TrainState`` at step 0: the imported encoder
+variables, the method's parameters, a fresh optimiser state) and ``import_report.json``. Step 0 because
+nothing was trained here; a pretraining run started in the workdir continues from the imported weights.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from medvlp_jax.models.released.namemap import CheckpointImportError, ReleasedImportReport, check_against
+
+
+def _abstract(config) -> tuple[Any, Any]:
+    """(abstract TrainState, optimiser) of ``config`` as ``train.loop.setup`` makes them (no compilation, no data)."""
+    from medvlp_jax.methods import make_objective
+    from medvlp_jax.models.dual_encoder import build_model
+    from medvlp_jax.train import optim, state as state_lib
+    model = build_model(config.model)
+    objective = make_objective(config.method, steps_per_epoch=1)
+    tx, _ = optim.make_optimizer(config.optim, 1)
+    init = state_lib.make_init_fn(config, model, objective, tx, init_batch_size=1)
+    return jax.eval_shape(init, jax.random.PRNGKey(config.seed)), tx
+
+
+def check_shapes(config, variables: dict, method_params: dict, report: ReleasedImportReport) -> None:
+    """Compares every converted array with the model's (and objective's) variables; results go to ``report``."""
+    abstract, _ = _abstract(config)
+    checks = [check_against({"params": variables.get("params", {})}, {"params": abstract.params["encoders"]}),
+              check_against({k: v for k, v in variables.items() if k != "params"}, abstract.model_state),
+              check_against({"method": method_params}, {"method": abstract.params["method"]})]
+    report.shapes_checked = sum(n for n, _ in checks)
+    report.shape_mismatches = [p for _, problems in checks for p in problems]
+
+
+def write_workdir(out: str, config, variables: dict, method_params: dict, report: ReleasedImportReport) -> str:
+    """Writes config.json, the step-0 checkpoint and import_report.json into ``out`` (must be new or empty).
+
+    Raises:
+      CheckpointImportError: ``out`` is not empty, or the report is incomplete.
+    """
+    from medvlp_jax.train import checkpoint as ckpt_lib
+    from medvlp_jax.train.state import TrainState
+    report.raise_if_incomplete()
+    if os.path.isdir(out) and os.listdir(out):
+        raise CheckpointImportError(f"--out {out} is not empty ({sorted(os.listdir(out))[:5]}): choose a new directory")
+    abstract, tx = _abstract(config)
+    to_jnp = lambda tree: jax.tree.map(jnp.asarray, tree)
+    params = to_jnp({"encoders": variables["params"], "method": method_params})
+    model_state = to_jnp({k: v for k, v in variables.items() if k != "params"})
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                       opt_state=tx.init(params), rng=jax.random.split(jax.random.PRNGKey(config.seed), 3)[2],
+                       ema_params=params["encoders"] if abstract.ema_params is not None else None,
+                       nonfinite_steps=jnp.zeros((), jnp.int32))
+    if jax.tree.structure(state) != jax.tree.structure(abstract):
+        raise AssertionError("imported TrainState does not have the structure train.state.make_init_fn builds")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=1))
+    ckpt = ckpt_lib.Checkpointer(out, every_steps=1, keep=1)
+    ckpt.save(0, state, {"step": 0, "seed": int(config.seed), "examples_seen": 0}, force=True)
+    ckpt.close()
+    report.write(os.path.join(out, "import_report.json"))
+    return out
