@@ -103,6 +103,7 @@ def base(variant: str = "paper", image: str = "") -> ml_collections.ConfigDict:
                                              stage_sizes=(3, 4, 6, 3), width=64))
         if variant != "paper":
             img.stage_sizes, img.width = (1, 1, 1, 1), 8 if variant == "test" else 16
+        img.local_stage = "layer3"      # local grid: layer3 (stride 16, the papers) | layer2 (stride 8)
     img.image_size = c.data.crop
     img.channels = c.data.channels
     img.hf_checkpoint = ""

@@ -51,6 +51,12 @@ Config (``config.method``), reconstructed choices marked [I]:
   sta_threshold [I]: kept if min-max score >= this; None -> 1/P (word side) and 1/|T_b| (patch side).
   sta_topk [I]: kappa for "topk" (16), for both directions.
   sta_word_weights [I]: "uniform" (1/|T_b|) or "mgca" (quantile-clipped [CLS] attention).
+  sta_negatives [I]: "pair" (default: the softmaxes above run over the words / groups of the same pair, as
+      SPARC's) | "batch" (word_to_patch direction: every valid word and group of every valid pair of the
+      batch competes, computed over chunks of ``sta_chunk`` pairs; O(b^2 t^2 d) FLOPs). Within a pair any
+      one-to-one assignment of words to patches satisfies STA, so from randomly initialised encoders the
+      groups need not follow the image content; cross-pair negatives require it (docs/demo_results.md).
+  sta_chunk: pairs per chunk of the "batch" negatives (16; None = one block).
   word_weight_quantiles: (0.1, 0.9), MGCA's clipping quantiles.
   lambda_sia, lambda_sta [I]: loss weights (1.0, 1.0).
 
@@ -90,6 +96,8 @@ class SistaConfig:
     sta_threshold: Optional[float] = None
     sta_topk: int = 16
     sta_word_weights: str = "uniform"
+    sta_negatives: str = "pair"
+    sta_chunk: Optional[int] = 16
     word_weight_quantiles: tuple[float, float] = (0.1, 0.9)
     lambda_sia: float = 1.0
     lambda_sta: float = 1.0
@@ -101,6 +109,7 @@ class SistaConfig:
         _check_choice("sta_direction", self.sta_direction, ("word_to_patch", "patch_to_word", "both"))
         _check_choice("sta_sparsify", self.sta_sparsify, ("threshold", "topk"))
         _check_choice("sta_word_weights", self.sta_word_weights, ("uniform", "mgca"))
+        _check_choice("sta_negatives", self.sta_negatives, ("pair", "batch"))
 
 
 def _check_choice(name, value, allowed):
@@ -252,9 +261,22 @@ def _sta_word_to_patch(out: EncoderOutputs, word: Array, patch: Array, valid: Ar
     mask = out.word_mask
     alpha = sta_weights(word, patch, cfg)
     c = local_ops.group_vectors(alpha, patch)                                    # [b, t, d]
-    z = jnp.einsum("btd,bsd->bts", c, word) / cfg.sta_temperature               # [b, t (group), s (word)]
-    ce_group = local_ops.diag_ce(z, mask)                                       # c_t against words
-    ce_word = local_ops.diag_ce(jnp.swapaxes(z, 1, 2), mask)                    # w_t against groups
+    if cfg.sta_negatives == "batch":
+        # Every valid word of every valid pair competes: a group must match its own word better than the
+        # same word of another report (whose group lies in another image), so the grouping must follow the
+        # image content; within a pair, any one-to-one word->patch assignment already wins (the demo and
+        # the blob world of issue 10 show it).
+        b, t, d = c.shape
+        keys = (mask & valid[:, None]).reshape(-1)
+        rows = None if cfg.sta_chunk is None else cfg.sta_chunk * t
+        ce_group = common.chunked_diag_ce(c.reshape(b * t, d), word.reshape(b * t, d), keys,
+                                          cfg.sta_temperature, rows).reshape(b, t)
+        ce_word = common.chunked_diag_ce(word.reshape(b * t, d), c.reshape(b * t, d), keys,
+                                         cfg.sta_temperature, rows).reshape(b, t)
+    else:
+        z = jnp.einsum("btd,bsd->bts", c, word) / cfg.sta_temperature           # [b, t (group), s (word)]
+        ce_group = local_ops.diag_ce(z, mask)                                   # c_t against words
+        ce_word = local_ops.diag_ce(jnp.swapaxes(z, 1, 2), mask)                # w_t against groups
     if cfg.sta_word_weights == "mgca":
         omega = common.quantile_clipped_weights(out.word_attn, mask, *cfg.word_weight_quantiles)
     else:

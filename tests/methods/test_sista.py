@@ -374,3 +374,62 @@ def test_sta_patch_to_word_gradients_match_finite_differences():
         assert float(jnp.abs(gw).sum()) > 0 and float(jnp.abs(gp).sum()) > 0
     with pytest.raises(ValueError, match="sta_direction"):
         objective(sta_direction="patches")
+
+
+# ---- STA with the batch's words as negatives (issue 10) --------------------------------------------------
+
+def np_sta_batch(word, patch, mask, valid, tau):
+    """word_to_patch STA whose softmaxes run over every valid word / group of every valid pair (loops)."""
+    b, t, _ = word.shape
+    p = patch.shape[1]
+    c = {}
+    for bi in range(b):
+        for k in range(t):
+            s = np.array([np.dot(word[bi, k], patch[bi, j]) for j in range(p)])
+            s = (s - s.min()) / (s.max() - s.min() + 1e-6)
+            s = np.array([v if v >= 1.0 / p else 0.0 for v in s])
+            v = sum((s[j] / s.sum()) * patch[bi, j] for j in range(p))
+            c[bi, k] = v / np.linalg.norm(v)
+    keys = [(bi, k) for bi in range(b) for k in range(t) if mask[bi, k] and valid[bi]]
+    per_pair = []
+    for bi in range(b):
+        if not valid[bi]:
+            continue
+        words = [k for k in range(t) if mask[bi, k]]
+        total = 0.0
+        for k in words:
+            row = [np.dot(c[bi, k], word[key]) / tau for key in keys]
+            col = [np.dot(word[bi, k], c[key]) / tau for key in keys]
+            me = keys.index((bi, k))
+            total += (1.0 / len(words)) * 0.5 * ((-row[me] + np_logsumexp(row)) + (-col[me] + np_logsumexp(col)))
+        per_pair.append(total)
+    return np.mean(per_pair)
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_sta_batch_negatives_match_numpy(chunk):
+    """sta_negatives="batch": every valid word of every valid pair competes (chunked or not); the maps and
+    the SIA term are those of "pair"."""
+    out = random_outputs(3)
+    valid = np.array([True, False, True, True, True])
+    batch = {"valid": jnp.asarray(valid)}
+    _, m = run(objective(sta_negatives="batch", sta_chunk=chunk), out, batch)
+    _, pair = run(objective(), out, batch)
+    x = to_np(out)
+    ref = np_sta_batch(x["word_emb"], x["patch_emb"], x["mask"], valid, 0.1)
+    np.testing.assert_allclose(float(m["loss/sta"]), ref, rtol=1e-5)
+    assert float(m["loss/sta"]) > float(pair["loss/sta"]) + 0.1       # more negatives, a larger CE
+    assert float(m["loss/sia"]) == float(pair["loss/sia"])
+    np.testing.assert_array_equal(objective(sta_negatives="batch").similarity_maps({}, out),
+                                  objective().similarity_maps({}, out))
+
+
+def test_sta_batch_negatives_gradients_match_finite_differences():
+    with jax.enable_x64(True):
+        out = random_outputs(11, dtype=np.float64)
+        obj = objective(sta_negatives="batch", sta_chunk=2, lambda_sia=0.0)
+
+        def f(words, patches):
+            return obj.loss({}, out.replace(word_emb=words, patch_emb=patches), {}, 10)[0]
+
+        assert_grads_match_finite_differences(f, (out.word_emb, out.patch_emb))
