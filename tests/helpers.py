@@ -72,3 +72,43 @@ def run_steps(config, mesh_shape: tuple[int, int], batches, *, steps_per_epoch: 
         state, metrics = step(state, sharding_lib.to_global(b, mesh))
         history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
     return jax.device_get(state.params), history, state, step
+
+
+def assert_trees_close(actual, desired, *, rtol: float = 1e-5, floor: float = 1e-3, err_msg: str = "") -> None:
+    """Asserts two pytrees of arrays agree up to float rounding, judged against each leaf's own scale.
+
+    Two float32 computations of the same quantity in another order (remat, chunked loops, sharded
+    reductions, gradient accumulation) differ by rounding relative to the *magnitudes summed*, not to each
+    element: an element that happens to land near zero carries the same absolute noise as its large
+    neighbours. So the tolerance of a leaf is ``rtol * scale`` for every element, with
+
+        scale = max(max|desired_leaf|, floor * max|desired_tree|)
+
+    The floor covers leaves whose exact value is zero (e.g. the gradient of an attention key bias, which
+    softmax cancels): their own maximum is pure rounding noise, while the noise comes from the rest of the
+    tree. A real bug that changes a leaf by a fraction much larger than ``rtol`` of its scale still fails.
+
+    Args:
+      actual: pytree of arrays.
+      desired: pytree of arrays with the same structure and shapes.
+      rtol: allowed error as a fraction of the leaf's scale (float32 rounding over short sums: ~1e-6).
+      floor: lower bound of a leaf's scale, as a fraction of the largest magnitude in ``desired``.
+      err_msg: prefix of the failure message.
+    """
+    a_leaves, _ = jax.tree_util.tree_flatten_with_path(actual)
+    d_leaves = jax.tree.leaves(desired)
+    assert len(a_leaves) == len(d_leaves), f"{err_msg}: {len(a_leaves)} leaves vs {len(d_leaves)}"
+    d_arrays = [np.asarray(d, np.float64) for d in d_leaves]
+    # A NaN would make every comparison below vacuous (and the scale NaN): both sides must be finite.
+    assert all(np.isfinite(d).all() for d in d_arrays), f"{err_msg}: non-finite values in `desired`"
+    tree_scale = max((float(np.abs(d).max()) for d in d_arrays if d.size), default=0.0)
+    for (path, a), d in zip(a_leaves, d_arrays):
+        a = np.asarray(a, np.float64)
+        name = f"{err_msg} {jax.tree_util.keystr(path)}".strip()
+        assert a.shape == d.shape, f"{name}: shape {a.shape} vs {d.shape}"
+        assert np.isfinite(a).all(), f"{name}: non-finite values in `actual`"
+        if not d.size:
+            continue
+        scale = max(float(np.abs(d).max()), floor * tree_scale)
+        np.testing.assert_allclose(a, d, rtol=0, atol=rtol * scale,
+                                   err_msg=f"{name}: tolerance {rtol:g} x leaf scale {scale:.3g}")

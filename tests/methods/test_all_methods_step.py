@@ -34,7 +34,9 @@ def test_sharded_train_step_equals_single_device(name, arg):
     config = helpers.load_config(name, arg)
     batches = [helpers.random_batch(config, 8, seed=s) for s in range(2)]
     p1, h1, _, _ = helpers.run_steps(config, (1, 1), batches, steps_per_epoch=1)
-    p8, h8, _, _ = helpers.run_steps(config, (4, 2), batches, steps_per_epoch=1)
+    p8, h8, state8, _ = helpers.run_steps(config, (4, 2), batches, steps_per_epoch=1)
+    # The fsdp rule really sharded something over the fsdp axis (else (4, 2) would only test data parallelism).
+    assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(state8.params))
     for a, b in zip(h1, h8):
         # The update was applied: a non-finite gradient is skipped by the step's guard, and two runs that skip
         # every update would agree trivially.

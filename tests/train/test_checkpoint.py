@@ -30,8 +30,17 @@ def _abstract_and_shardings(config, mesh_shape):
     return abstract, state_lib.state_shardings(config, abstract, mesh)
 
 
+@pytest.fixture
+def fewer_xla_optimisations():
+    """Restoring is exact whatever XLA optimised: compile the tiny train step faster (restored afterwards)."""
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
+
+
 @pytest.mark.parametrize("save_mesh,restore_mesh", [((4, 2), (1, 1)), ((1, 1), (2, 4))])
-def test_restore_onto_another_mesh(tmp_path, save_mesh, restore_mesh):
+def test_restore_onto_another_mesh(tmp_path, save_mesh, restore_mesh, fewer_xla_optimisations):
     config = helpers.load_config("convirt")
     batches = [helpers.random_batch(config, 8, seed=1)]
     params, _, state, _ = helpers.run_steps(config, save_mesh, batches)
@@ -73,7 +82,12 @@ def _final_params(workdir):
 def test_sigkill_then_resume_reaches_the_uninterrupted_parameters(tmp_path):
     root = str(tmp_path / "data")
     synthetic.prepare_synthetic(root, num_train=24, num_test=8)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    # Fewer XLA optimisations and a persistent compilation cache shared by the three runs: the reference
+    # compiles, the killed run and the resumed run load its programs (same programs, same numerics), as in
+    # tests/train/test_faults.py. Measured on the loaded 2-core host: 186 s instead of 329 s (CPU 55 s vs 91 s).
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
     total = 8
     ref = str(tmp_path / "ref")
     _run(_launch(ref, root, total), env)

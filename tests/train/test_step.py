@@ -13,7 +13,11 @@ def _close_trees(a, b, rtol=2e-4, atol=2e-5):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device():
+    """Default runs get the same check, on the same ConVIRT :test config, batches and meshes, from
+    tests/methods/test_all_methods_step.py::test_sharded_train_step_equals_single_device[convirt-test] (which also
+    asserts that the fsdp rule shards something): kept here as a slow duplicate."""
     config = helpers.load_config("convirt")
     batches = [helpers.random_batch(config, 8, seed=s) for s in range(2)]
     p1, h1, _, _ = helpers.run_steps(config, (1, 1), batches)
@@ -26,14 +30,23 @@ def test_sharded_step_equals_single_device():
     assert any("fsdp" in str(s) for s in specs)
 
 
-def test_no_recompilation_after_first_step():
+@pytest.fixture
+def fewer_xla_optimisations():
+    """For tests whose checks do not depend on how XLA optimised (cache size, exact skips): faster compiles."""
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
+
+
+def test_no_recompilation_after_first_step(fewer_xla_optimisations):
     config = helpers.load_config("convirt")
     batches = [helpers.random_batch(config, 8, seed=s) for s in range(3)]
     _, _, _, step = helpers.run_steps(config, (2, 1), batches)
     assert step._cache_size() == 1
 
 
-def test_nonfinite_batch_is_skipped_and_counted():
+def test_nonfinite_batch_is_skipped_and_counted(fewer_xla_optimisations):
     config = helpers.load_config("convirt")
     good = helpers.random_batch(config, 8, seed=0)
     bad = dict(good, image=np.full_like(good["image"], np.nan))
