@@ -7,6 +7,11 @@
 With --suite, the table is the evaluation suite's headline metrics (one column per run, from
 ``launch/evaluate.py --config=configs/eval/suite.py:demo --checkpoint=<run>``); --untrained=<run> adds the column
 of that run's ``--untrained`` suite (the same architecture at initialisation); repeat it for several.
+--group=LABEL=<run>,<run>,... makes one column of several runs of one setting (seeds): "mean ± sample sd" per
+metric (repeatable; --untrained_group likewise for their untrained suites); protocols no column ran are left out:
+
+  python launch/compare_runs.py --suite --group=convirt=runs/convirt_s0,runs/convirt_s1,runs/convirt_s2 \
+      --group=gloria=runs/gloria_s0,runs/gloria_s1,runs/gloria_s2 --untrained_group=untrained=runs/convirt_s0
 
 For the untrained column, first run ``python launch/evaluate.py --config=configs/eval/quick.py
 --checkpoint=<run> --untrained``; for FLOPs, ``python launch/benchmark.py --config=configs/<method>.py:demo``
@@ -33,16 +38,43 @@ def _benchmark_for(workdir: str, bench_dir: str | None) -> str | None:
     return hits[0] if hits else None
 
 
+def _parse_groups(specs: list[str]):
+    """[(label, [workdir, ...])] from "LABEL=<run>,<run>" strings, or None after printing an error line."""
+    out = []
+    for spec in specs:
+        label, sep, runs = spec.partition("=")
+        workdirs = [w for w in runs.split(",") if w]
+        if not sep or not label or not workdirs:
+            print(f"error: --group/--untrained_group wants LABEL=<run>,<run>,..., got {spec!r}", file=sys.stderr)
+            return None
+        out.append((label, workdirs))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("workdirs", nargs="+", help="pretraining workdirs")
+    p.add_argument("workdirs", nargs="*", help="pretraining workdirs")
     p.add_argument("--benchmarks", default=None, help="directory of launch/benchmark.py JSON files")
     p.add_argument("--out", default=None, help="also write the table to this Markdown file")
     p.add_argument("--suite", action="store_true", help="tabulate the evaluation suite's headline metrics")
     p.add_argument("--untrained", action="append", default=[],
                    help="with --suite: add this run's untrained-suite column (repeatable)")
+    p.add_argument("--group", action="append", default=[],
+                   help="with --suite: LABEL=<run>,<run>,... one column, mean ± sd over the runs (repeatable)")
+    p.add_argument("--untrained_group", action="append", default=[],
+                   help="with --suite: LABEL=<run>,... one column over those runs' untrained suites (repeatable)")
     a = p.parse_args(argv)
-    for w in a.workdirs + a.untrained:
+    groups, untrained_groups = _parse_groups(a.group), _parse_groups(a.untrained_group)
+    if groups is None or untrained_groups is None:
+        return 2
+    grouped = [w for _, ws in groups + untrained_groups for w in ws]
+    if not a.workdirs and not grouped:
+        print("error: name at least one workdir or --group", file=sys.stderr)
+        return 2
+    if grouped and not a.suite:
+        print("error: --group and --untrained_group need --suite", file=sys.stderr)
+        return 2
+    for w in a.workdirs + a.untrained + grouped:
         if not os.path.exists(os.path.join(w, "config.json")):
             print(f"error: {w!r} is not a pretraining workdir (no config.json)", file=sys.stderr)
             return 2
@@ -53,6 +85,11 @@ def main(argv=None) -> int:
         columns = [(run_summary.method_name(w), run_summary.suite_headlines(w)) for w in a.workdirs]
         columns += [(f"untrained ({run_summary.method_name(w)} arch.)", run_summary.suite_headlines(w, untrained=True))
                     for w in a.untrained]
+        columns += [(f"{label} (n={len(ws)})", run_summary.seed_summary([run_summary.suite_headlines(w) for w in ws]))
+                    for label, ws in groups]
+        columns += [(f"{label} (n={len(ws)})",
+                     run_summary.seed_summary([run_summary.suite_headlines(w, untrained=True) for w in ws]))
+                    for label, ws in untrained_groups]
         empty = [t for t, h in columns if h["seconds"] is None]
         if empty:
             print(f"error: no evaluation-suite results (eval/*.json) for: {', '.join(empty)}; run launch/evaluate.py "

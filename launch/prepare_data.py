@@ -9,6 +9,7 @@
   python launch/prepare_data.py ms_cxr --source=/data/ms-cxr --images=/data/mimic-cxr-jpg/2.0.0 --out=data/ms_cxr
   python launch/prepare_data.py object_cxr --source=/data/object-CXR --out=data/object_cxr
   python launch/prepare_data.py synthetic --out=/tmp/syn                    # tiny, for smoke tests
+  python launch/prepare_data.py blobs --out=data/blobs                      # localization sanity world
 
 Each converter reads the official download layout (see README "Data") and prints counts and the reasons
 for every dropped record.
@@ -54,6 +55,12 @@ def main(argv=None):
     syn.add_argument("--out", required=True)
     syn.add_argument("--num_train", type=int, default=64)
     syn.add_argument("--num_test", type=int, default=32)
+    blobs = sub.add_parser("blobs", help="bright blobs named by zone: a world where localization is unambiguous")
+    blobs.add_argument("--out", required=True)
+    blobs.add_argument("--num_train", type=int, default=2048)
+    blobs.add_argument("--num_test", type=int, default=256)
+    blobs.add_argument("--image_size", type=int, default=64)
+    blobs.add_argument("--seed", type=int, default=0)
     for name in CONVERTERS:
         p = sub.add_parser(name, help=f"{name} from its official download layout")
         p.add_argument("--source", required=True, help="root of the downloaded data set")
@@ -80,6 +87,10 @@ def main(argv=None):
         from medvlp_jax.data import prepare
         summary = prepare.prepare_demo(args.out, seed=args.seed, image_size=args.image_size,
                                        num_shards=args.num_shards, vocab_size=args.vocab_size, limit=args.limit)
+    elif args.dataset == "blobs":
+        from medvlp_jax.data.sources import blobs as blobs_lib
+        summary = blobs_lib.prepare_blobs(args.out, num_train=args.num_train, num_test=args.num_test,
+                                          image_size=args.image_size, seed=args.seed)
     elif args.dataset == "synthetic":
         from medvlp_jax.data.sources import synthetic
         summary = synthetic.prepare_synthetic(args.out, num_train=args.num_train, num_test=args.num_test)

@@ -145,12 +145,43 @@ def suite_headlines(workdir: str, untrained: bool = False) -> dict[str, Any]:
     return out
 
 
+def seed_summary(headlines: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and spread over several runs (seeds) of one setting, per ``suite_headlines`` entry.
+
+    Returns {title: (mean, sample standard deviation, number of runs with the figure) or None when no run has
+    it}; "seconds" is the mean. The standard deviation is 0.0 for a single run.
+    """
+    out: dict[str, Any] = {}
+    for title in dict.fromkeys(k for h in headlines for k in h):
+        values = [float(h[title]) for h in headlines if h.get(title) is not None]
+        if title == "seconds":
+            out[title] = statistics.mean(values) if values else None
+        elif values:
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            out[title] = (statistics.mean(values), sd, len(values))
+        else:
+            out[title] = None
+    return out
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, tuple):                      # (mean, sd, n) of seed_summary
+        mean, sd, n = value
+        return fmt.format(mean) if n == 1 else f"{fmt.format(mean)} ± {fmt.format(sd)}"
+    return fmt.format(value)
+
+
 def suite_table(columns: list[tuple[str, dict[str, Any]]]) -> str:
-    """A metric x run Markdown table of ``suite_headlines`` results, one (column title, headlines) per run."""
+    """A metric x run Markdown table, one (column title, headlines) per column: a run's ``suite_headlines``, or a
+    ``seed_summary`` of several (cells "mean ± sample sd")."""
     lines = ["| metric (demo test split) | " + " | ".join(t for t, _ in columns) + " |",
              "|---|" + "---|" * len(columns)]
     for title, _, _, fmt in SUITE_ROWS:
-        cells = ["-" if h.get(title) is None else fmt.format(h[title]) for _, h in columns]
+        if all(h.get(title) is None for _, h in columns):
+            continue                                   # a protocol none of the columns ran
+        cells = [_cell(h.get(title), fmt) for _, h in columns]
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     minutes = ["-" if h.get("seconds") is None else f"{h['seconds'] / 60:.1f}" for _, h in columns]
     lines.append("| evaluator minutes (sum of protocol/seconds) | " + " | ".join(minutes) + " |")

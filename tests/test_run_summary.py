@@ -95,9 +95,29 @@ def test_suite_headlines_and_table(tmp_path):
     assert u["zero-shot macro AUROC"] == pytest.approx(0.35)
     md = run_summary.suite_table([("convirt", h), ("untrained", u)])
     assert "| zero-shot macro AUROC | 0.700 | 0.350 |" in md
-    assert "| fine-tune macro AUROC, 100% labels | - | - |" in md
+    assert "fine-tune macro AUROC, 100% labels" not in md          # no column has it: the row is left out
     assert "| evaluator minutes (sum of protocol/seconds) | 7.0 | 7.0 |" in md
-    assert len(md.splitlines()) == 2 + len(run_summary.SUITE_ROWS) + 1
+    present = [t for t, _, _, _ in run_summary.SUITE_ROWS if h.get(t) is not None or u.get(t) is not None]
+    assert len(md.splitlines()) == 2 + len(present) + 1 and len(present) == 18  # all but fine-tune 100%, cosine x 3, chance
+
+
+def test_seed_summary_mean_and_sample_sd(tmp_path):
+    """Three seeds of one setting: each cell is the mean ± the sample standard deviation, by hand."""
+    from medvlp_jax import run_summary
+    runs = []
+    for k, scale in enumerate((1.0, 0.8, 0.9)):
+        w = tmp_path / f"s{k}"
+        (w / "eval").mkdir(parents=True)
+        _suite_files(w, scale=scale)
+        runs.append(run_summary.suite_headlines(str(w)))
+    g = run_summary.seed_summary(runs)
+    mean, sd, n = g["zero-shot macro AUROC"]
+    assert n == 3 and mean == pytest.approx(0.7 * 0.9) and sd == pytest.approx(0.07)   # 0.7 x (1, .8, .9)
+    assert g["grounding CNR (method's own maps)"] == (0.5, 0.0, 3)
+    assert g["fine-tune macro AUROC, 100% labels"] is None and g["seconds"] == pytest.approx(420.0)
+    single = run_summary.seed_summary(runs[:1])
+    md = run_summary.suite_table([("three seeds", g), ("one", single)])
+    assert "| zero-shot macro AUROC | 0.630 ± 0.070 | 0.700 |" in md
 
 
 def test_cli_suite(tmp_path):
@@ -114,3 +134,10 @@ def test_cli_suite(tmp_path):
     assert "| retrieval i2t R@1 (same-text duplicates count) | 0.040 | 0.020 |" in r.stdout
     r = subprocess.run(cli + [w, f"--untrained={w}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "--untrained needs --suite" in r.stderr
+    r = subprocess.run(cli + ["--suite", f"--group=convirt={w},{w}", f"--untrained_group=untrained={w}"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "| metric (demo test split) | convirt (n=2) | untrained (n=1) |" in r.stdout
+    assert "| zero-shot macro AUROC | 0.700 ± 0.000 | 0.350 |" in r.stdout
+    r = subprocess.run(cli + ["--suite", "--group=convirt"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: --group") and len(r.stderr.splitlines()) == 1

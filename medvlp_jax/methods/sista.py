@@ -47,7 +47,10 @@ Config (``config.method``), reconstructed choices marked [I]:
       "patch_to_word" (patches select their words) | "both". Kept at "word_to_patch" although the abstract
       says STA "align[s] image patches with relevant word tokens", which reads patch-to-word: the clause
       names the two sides without saying which one selects, and methods.md 5.2 specifies word queries.
-  sta_sparsify [I]: "threshold" (default) or "topk".
+  sta_sparsify [I]: "threshold" (default) or "topk" (both on min-max scores), or "softmax" (word_to_patch:
+      alpha_tk = softmax_k(s_tk / sta_temperature), MGCA's attention; not sparse). Min-max grouping gives the
+      patch least similar to a word exactly weight 0 and no gradient: in the blob world of issue 10 the blobs
+      settle there and stay (docs/demo_results.md); the softmax has no such dead end.
   sta_threshold [I]: kept if min-max score >= this; None -> 1/P (word side) and 1/|T_b| (patch side).
   sta_topk [I]: kappa for "topk" (16), for both directions.
   sta_word_weights [I]: "uniform" (1/|T_b|) or "mgca" (quantile-clipped [CLS] attention).
@@ -107,7 +110,9 @@ class SistaConfig:
         _check_choice("sia_similarity", self.sia_similarity, ("report_emb", "batch_emb", "label_jaccard"))
         _check_choice("sia_reduce_directions", self.sia_reduce_directions, ("sum", "mean"))
         _check_choice("sta_direction", self.sta_direction, ("word_to_patch", "patch_to_word", "both"))
-        _check_choice("sta_sparsify", self.sta_sparsify, ("threshold", "topk"))
+        _check_choice("sta_sparsify", self.sta_sparsify, ("threshold", "topk", "softmax"))
+        if self.sta_sparsify == "softmax" and self.sta_direction != "word_to_patch":
+            raise ValueError("SISTA sta_sparsify='softmax' is defined for sta_direction='word_to_patch' only")
         _check_choice("sta_word_weights", self.sta_word_weights, ("uniform", "mgca"))
         _check_choice("sta_negatives", self.sta_negatives, ("pair", "batch"))
 
@@ -186,6 +191,8 @@ def sta_weights(word_emb: Array, patch_emb: Array, cfg: SistaConfig) -> Array:
     """
     p = patch_emb.shape[1]
     s = jnp.einsum("btd,bpd->btp", word_emb, patch_emb)
+    if cfg.sta_sparsify == "softmax":
+        return jax.nn.softmax(s / cfg.sta_temperature, axis=-1)
     s = local_ops.masked_minmax(s, None, axis=-1)
     if cfg.sta_sparsify == "topk":
         keep = local_ops.topk_mask(s, cfg.sta_topk)

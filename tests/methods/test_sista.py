@@ -123,8 +123,13 @@ def np_sta(word, patch, mask, attn, valid, tau, sparsify="threshold", topk=16, w
         c = {}
         for k in range(t):                                         # every slot, for the maps
             s = np.array([np.dot(word[bi, k], patch[bi, j]) for j in range(p)])
-            s = (s - s.min()) / (s.max() - s.min() + 1e-6)
-            if sparsify == "topk":
+            if sparsify == "softmax":
+                s = np.exp(s / tau - np.max(s / tau))
+            else:
+                s = (s - s.min()) / (s.max() - s.min() + 1e-6)
+            if sparsify == "softmax":
+                pass
+            elif sparsify == "topk":
                 order = sorted(range(p), key=lambda j: -s[j])[:min(topk, p)]
                 s = np.array([s[j] if j in order else 0.0 for j in range(p)])
             else:
@@ -196,7 +201,7 @@ def test_label_jaccard_and_batch_embedding_similarity_sources():
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(sta_sparsify="topk", sta_topk=2), dict(sta_word_weights="mgca"),
-                                dict(sta_threshold=0.5)])
+                                dict(sta_threshold=0.5), dict(sta_sparsify="softmax")])
 def test_sta_matches_numpy(kw):
     out = random_outputs(3)
     valid = np.array([True, False, True, True, True])
@@ -289,6 +294,8 @@ def test_gradients_match_finite_differences(kw):
 
 def test_config_validation_and_registration():
     assert "sista" in OBJECTIVES
+    with pytest.raises(ValueError, match="word_to_patch"):
+        objective(sta_sparsify="softmax", sta_direction="both")
     with pytest.raises(ValueError, match="unknown config keys"):
         objective(fn_treshold=0.8)
     with pytest.raises(ValueError, match="sia_variant"):
