@@ -31,6 +31,7 @@ def get_config(arg=None):
     m = c.method
     m.name = "gloria"
     m.temp1, m.temp2, m.temp3 = 4.0, 5.0, 10.0   # attention sharpening, word aggregation, logit scale
+    m.attention = "words_then_regions"   # authors: softmax over words, then regions; "regions": the paper's one
     m.local_weight = 1.0
     m.global_weight = 1.0
     m.local_agg = "sum"                 # log-sum-exp over words (authors' code; no 1/temp2 as in the paper)

@@ -24,6 +24,10 @@ first softmax sees cosines instead of dot products (a different model, still a v
 
 Config (``config.method``), defaults = the authors' arithmetic:
   temp1, temp2, temp3: 4.0, 5.0, 10.0 (attention sharpening, word aggregation, logit scale).
+  attention [quirk]: "words_then_regions" (default, the authors' code: the two softmaxes above; the first,
+      over the words, is AttnGAN's) | "regions" (the paper: beta_{t,r} = softmax_r(temp1 * <v_{j,r}, e_{i,t}>),
+      one softmax over the regions). The first softmax bounds a_{t,r} to [0, 1], so temp1 * a spans at most
+      4 nats: each word's map over the regions stays nearly flat (docs/demo_results.md has both on the demo).
   local_weight, global_weight: 1.0, 1.0.
   local_agg: "sum" (log-sum-exp over words, the authors' default) | "mean" (log-mean-exp, their option).
   count_unk_words [quirk]: False (authors: the local term uses the first n_i = (#words whose string does
@@ -73,6 +77,7 @@ COS_EPS = 1e-8  # GLoRIA's cosine clamp
 class GloriaConfig:
     """Resolved ``config.method`` of GLoRIA (see the module docstring for each field)."""
     temp1: float = 4.0
+    attention: str = "words_then_regions"
     temp2: float = 5.0
     temp3: float = 10.0
     local_weight: float = 1.0
@@ -87,6 +92,7 @@ class GloriaConfig:
 
     def __post_init__(self):
         for name, value, allowed in (("local_agg", self.local_agg, ("sum", "mean")),
+                                     ("attention", self.attention, ("words_then_regions", "regions")),
                                      ("report_vector", self.report_vector, ("cls", "mean_all_slots", "mean_slots"))):
             if value not in allowed:
                 raise ValueError(f"GLoRIA {name} must be one of {allowed}, got {value!r}")
@@ -170,14 +176,18 @@ def report_vector(word_emb: Array, slot_mask: Array, txt_emb: Array, mode: str =
     raise ValueError(f"report_vector must be 'cls', 'mean_all_slots' or 'mean_slots', got {mode!r}")
 
 
-def _two_softmaxes(dots: Array, word_set: Array, temp1) -> Array:
-    """beta from word-region dot products: softmax over words (axis -2), then over regions of temp1 * a.
+def _two_softmaxes(dots: Array, word_set: Array, temp1, attention: str = "words_then_regions") -> Array:
+    """beta from word-region dot products: softmax over words (axis -2), then over regions of temp1 * a
+    (``attention="words_then_regions"``, the authors' code), or the paper's single softmax over regions of
+    temp1 * dots (``"regions"``).
 
     Args:
       dots: [..., t, p] <v_r, e_t>; word_set: broadcastable to [..., t, 1] bool.
     Returns:
       beta: [..., t, p] (rows of words outside the set are meaningless; mask them downstream).
     """
+    if attention == "regions":
+        return jax.nn.softmax(temp1 * dots, axis=-1)
     a = jax.nn.softmax(jnp.where(word_set, dots, common.NEG_INF), axis=-2)
     return jax.nn.softmax(temp1 * a, axis=-1)
 
@@ -195,7 +205,8 @@ def _aggregate(s: Array, mask: Array, agg: str) -> Array:
     raise ValueError(f"unknown aggregation {agg!r}")
 
 
-def attention_maps(word_emb: Array, word_set: Array, patch_emb: Array, temp1: float = 4.0) -> Array:
+def attention_maps(word_emb: Array, word_set: Array, patch_emb: Array, temp1: float = 4.0,
+                   attention: str = "words_then_regions") -> Array:
     """beta for the matching pairs: each word's attention over its own image's regions.
 
     Args:
@@ -206,14 +217,15 @@ def attention_maps(word_emb: Array, word_set: Array, patch_emb: Array, temp1: fl
     """
     word_emb, patch_emb = local_ops.wide(word_emb), local_ops.wide(patch_emb)
     dots = jnp.einsum("btd,bpd->btp", word_emb, patch_emb)
-    beta = _two_softmaxes(dots, word_set[:, :, None], temp1)
+    beta = _two_softmaxes(dots, word_set[:, :, None], temp1, attention)
     return jnp.where(word_set[:, :, None], beta, 0.0)
 
 
-def _cross_block(words: Array, word_set: Array, regions: Array, temp1, temp2, agg: str) -> Array:
+def _cross_block(words: Array, word_set: Array, regions: Array, temp1, temp2, agg: str,
+                 attention: str = "words_then_regions") -> Array:
     """R for c texts against n images. words: [c, t, d]; word_set: [c, t]; regions: [n, p, d]. Returns [c, n]."""
     dots = jnp.einsum("ctd,npd->cntp", words, regions)                       # [c, n, t, p]
-    beta = _two_softmaxes(dots, word_set[:, None, :, None], temp1)
+    beta = _two_softmaxes(dots, word_set[:, None, :, None], temp1, attention)
     ctx = jnp.einsum("cntp,npd->cntd", beta, regions)                        # [c, n, t, d]
     dot = jnp.einsum("ctd,cntd->cnt", words, ctx)
     norms = common.safe_norm(words, axis=-1)[:, None, :] * common.safe_norm(ctx, axis=-1)
@@ -222,7 +234,8 @@ def _cross_block(words: Array, word_set: Array, regions: Array, temp1, temp2, ag
 
 
 def local_similarity(word_emb: Array, word_set: Array, patch_emb: Array, *, temp1: float = 4.0,
-                     temp2: float = 5.0, agg: str = "sum", text_chunk: Optional[int] = None) -> Array:
+                     temp2: float = 5.0, agg: str = "sum", text_chunk: Optional[int] = None,
+                     attention: str = "words_then_regions") -> Array:
     """R(i, j) for every text i and image j, mapped over chunks of texts (never [m, n, t, p] when chunked).
 
     Args:
@@ -230,11 +243,12 @@ def local_similarity(word_emb: Array, word_set: Array, patch_emb: Array, *, temp
       patch_emb: [n, p, d] image region vectors.
       temp1, temp2: the two temperatures; agg: "sum" | "mean" | "max" (zero-shot).
       text_chunk: texts per chunk (None: one block).
+      attention: "words_then_regions" (the authors' two softmaxes) | "regions" (the paper's one).
     Returns:
       [n, m]: row j = image j, column i = text i (GLoRIA's similarity-matrix layout).
     """
     word_emb, patch_emb = local_ops.wide(word_emb), local_ops.wide(patch_emb)
-    body = lambda args: _cross_block(args[0], args[1], patch_emb, temp1, temp2, agg)
+    body = lambda args: _cross_block(args[0], args[1], patch_emb, temp1, temp2, agg, attention)
     r = common.map_in_chunks(body, (word_emb, word_set), text_chunk)        # [m, n]
     return r.T
 
@@ -267,7 +281,7 @@ def gloria_loss(out: EncoderOutputs, valid: Array, cfg: GloriaConfig,
     """
     words = words_used(out, cfg, n_uncounted)
     r = local_similarity(out.word_emb, words, out.patch_emb, temp1=cfg.temp1, temp2=cfg.temp2,
-                         agg=cfg.local_agg, text_chunk=cfg.text_chunk)       # [b_img, b_txt]
+                         agg=cfg.local_agg, text_chunk=cfg.text_chunk, attention=cfg.attention)   # [b_img, b_txt]
     if cfg.paper_local_scale:
         r = r / cfg.temp2
     local_logits = cfg.temp3 * r
@@ -344,6 +358,6 @@ def make(cfg, *, steps_per_epoch: int) -> Objective:
     def similarity_maps(method_params, out: EncoderOutputs) -> Array:
         del method_params
         words = local_word_set(out.word_mask, out.slot_mask, settings.include_cls_word, settings.include_sep_word)
-        return attention_maps(out.word_emb, words, out.patch_emb, settings.temp1)
+        return attention_maps(out.word_emb, words, out.patch_emb, settings.temp1, settings.attention)
 
     return Objective(name="gloria", init=init, loss=loss, similarity_maps=similarity_maps)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from medvlp_jax.methods import OBJECTIVES, gloria, make_objective
 from medvlp_jax.types import EncoderOutputs
@@ -77,7 +78,7 @@ def np_columns(i, n_words, cls=True, sep=False):
     return cols
 
 
-def np_local_R(E, V, n_words, temp1, temp2, cls=True, sep=False, agg="sum"):
+def np_local_R(E, V, n_words, temp1, temp2, cls=True, sep=False, agg="sum", regions=False):
     """R[j, i] for image j, text i, looping exactly as local_loss (agg 'max' as get_local_similarities)."""
     b_txt, b_img = E.shape[0], V.shape[0]
     R = np.zeros((b_img, b_txt))
@@ -85,8 +86,11 @@ def np_local_R(E, V, n_words, temp1, temp2, cls=True, sep=False, agg="sum"):
         word = E[i, np_columns(i, n_words, cls, sep)]                    # [n, d]
         for j in range(b_img):
             ctx = V[j]                                                   # [p, d]
-            attn = np_softmax(ctx @ word.T, axis=1)                      # [p, n], softmax over words
-            attn = np_softmax(temp1 * attn.T, axis=1)                    # [n, p], softmax over regions
+            if regions:                                                  # the paper: one softmax over regions
+                attn = np_softmax(temp1 * (ctx @ word.T).T, axis=1)     # [n, p]
+            else:
+                attn = np_softmax(ctx @ word.T, axis=1)                  # [p, n], softmax over words
+                attn = np_softmax(temp1 * attn.T, axis=1)                # [n, p], softmax over regions
             wctx = attn @ ctx                                            # [n, d]
             sims = np.array([np.exp(temp2 * np_cos(word[t], wctx[t])) for t in range(len(word))])
             if agg == "sum":
@@ -114,10 +118,10 @@ def np_report(E, txt, n_words, mode):
 
 
 def np_gloria(out, n_words=N_WORDS, temp1=4.0, temp2=5.0, temp3=10.0, cls=True, sep=False,
-              report="mean_all_slots", agg="sum", paper=False, lw=1.0, gw=1.0):
+              report="mean_all_slots", agg="sum", paper=False, lw=1.0, gw=1.0, regions=False):
     f = lambda x: np.asarray(x, np.float64)
     E, V = f(out.word_emb), f(out.patch_emb)
-    R = np_local_R(E, V, n_words, temp1, temp2, cls, sep, agg)
+    R = np_local_R(E, V, n_words, temp1, temp2, cls, sep, agg, regions)
     if paper:
         R = R / temp2
     l0, l1 = np_ce_both(temp3 * R)
@@ -240,6 +244,22 @@ def test_batch_permutation_invariance_and_valid_rows():
     sub = jax.tree_util.tree_map(lambda x: x[keep], out)
     want = np_gloria(sub, n_words=tuple(np.asarray(N_WORDS)[keep]))[0]
     np.testing.assert_allclose(run(obj, out, {"valid": valid})[0], want, rtol=2e-5)
+
+
+def test_paper_attention_over_regions_matches_reference():
+    """attention="regions": one softmax over the regions of temp1 * dots (the paper), in the loss and the maps;
+    the global term is untouched."""
+    out = random_outputs(3)
+    total, m = run(objective(attention="regions", text_chunk=3), out)
+    want, local, glob = np_gloria(out, regions=True)
+    np.testing.assert_allclose(total, want, rtol=2e-5)
+    np.testing.assert_allclose(m["loss/global"], run(objective(), out)[1]["loss/global"], rtol=1e-6)
+    maps = np.asarray(objective(attention="regions").similarity_maps({}, out))
+    E, V = np.asarray(out.word_emb, np.float64), np.asarray(out.patch_emb, np.float64)
+    cols = np_columns(0, N_WORDS)
+    np.testing.assert_allclose(maps[0, cols], np_softmax(4.0 * E[0, cols] @ V[0].T, axis=1), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="attention"):
+        objective(attention="words")
 
 
 def test_similarity_maps_are_the_matching_pair_attention():
