@@ -4,6 +4,7 @@
   python launch/benchmark.py --config=configs/convirt.py --config.train.batch_size=8 --steps=5 --warmup=2
   python launch/benchmark.py --config=configs/convirt.py:demo --data_root=data/demo_iu --out=bench.json
   python launch/benchmark.py --config=configs/convirt.py:test --scale=batch_size:8,16 --scale=text_len:8
+  python launch/benchmark.py --config=configs/mgca.py --data_root=data/demo_iu --pipeline_only   # tf.data alone
 
 Reports compile time, median step time after warm-up, images/s, XLA-counted FLOPs per step, MFU against the
 device peak (CPU: a measured matmul rate), peak device memory, a scaling table (one of batch size / text
@@ -30,6 +31,8 @@ _SCALE_STEPS = flags.DEFINE_integer("scale_steps", 3, "timed steps per scaling r
 _DATA_ROOT = flags.DEFINE_string("data_root", None, "prepared data root for the input-pipeline measurement "
                                  "(default: config.data.root when it is prepared)")
 _PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 20, "batches timed in the pipeline measurement")
+_PIPELINE_ONLY = flags.DEFINE_bool("pipeline_only", False, "measure the input pipeline alone (needs --data_root or "
+                                   "a prepared config.data.root): no step is compiled")
 _OUT = flags.DEFINE_string("out", None, "JSON output path (default runs/benchmarks/<method>_<variant>_<platform>.json)")
 _MARKDOWN = flags.DEFINE_string("markdown", None, "also write the Markdown table to this file")
 flags.mark_flags_as_required(["config"])
@@ -66,6 +69,8 @@ def _benchmark():
     data_root = _DATA_ROOT.value
     if data_root is None and config.data.root and os.path.exists(os.path.join(config.data.root, "dataset_info.json")):
         data_root = config.data.root
+    if _PIPELINE_ONLY.value:
+        return _pipeline_only(config, data_root)
     result = benchmark_lib.run(config, steps=_STEPS.value, warmup=_WARMUP.value,
                                scaling=parse_scale(_SCALE.value, config, len(devices)),
                                scaling_steps=_SCALE_STEPS.value, data_root=data_root,
@@ -84,6 +89,29 @@ def _benchmark():
         with open(_MARKDOWN.value, "w") as f:
             f.write(md)
     print(f"wrote {out}")
+
+
+def _pipeline_only(config, data_root):
+    import json
+    from medvlp_jax import benchmark_lib
+    if not data_root:
+        raise FileNotFoundError("--pipeline_only needs --data_root=<prepared data root> (or a prepared "
+                                "config.data.root)")
+    cfg = config.copy_and_resolve_references()
+    cfg.data.root = data_root
+    if not os.path.isdir(cfg.data.tokenizer_dir) and os.path.isdir(os.path.join(data_root, "tokenizer")):
+        cfg.data.tokenizer_dir = os.path.join(data_root, "tokenizer")
+    pipe = benchmark_lib.pipeline_throughput(cfg, batches=_PIPELINE_BATCHES.value)
+    pipe.update(resize=int(cfg.data.resize), crop=int(cfg.data.crop), channels=int(cfg.data.channels),
+                text_len=int(cfg.data.max_text_len), data_root=data_root, cpu_count=os.cpu_count(),
+                load_average_1m=os.getloadavg()[0])
+    print(f"input pipeline ({data_root}, resize {pipe['resize']} crop {pipe['crop']} x {pipe['channels']}, "
+          f"{pipe['text_len']} tokens, batch {pipe['batch_size']}): {pipe['examples_per_s']:.0f} examples/s, "
+          f"{pipe['examples_per_cpu_s']:.0f} examples per CPU-second (load {pipe['load_average_1m']:.1f})")
+    if _OUT.value:
+        os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+        with open(_OUT.value, "w") as f:
+            json.dump({"pipeline": pipe}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from typing import Callable
 
@@ -74,15 +75,55 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else str(text)
 
 
+# ``--config.<path>=None``: ml_collections parses an override with the type of the field's current value, so an
+# int field such as ``method.local_chunk`` rejected 'None'. These overrides are set after parsing instead.
+_NONE_OVERRIDE = re.compile(r"--([A-Za-z_]\w*)\.([A-Za-z_][\w.]*)=(?:None|none)")
+
+
+def split_none_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(argv without the ``--<flag>.<path>=None`` overrides, [(flag, path)] of those overrides); argv[0] is kept."""
+    kept, nones = argv[:1], []
+    for a in argv[1:]:
+        m = _NONE_OVERRIDE.fullmatch(a)
+        if m:
+            nones.append((m.group(1), m.group(2)))
+        else:
+            kept.append(a)
+    return kept, nones
+
+
+def apply_none_overrides(flag_values, nones: list[tuple[str, str]]) -> None:
+    """Sets each config field named by ``split_none_overrides`` to None; an unknown flag or field ends the
+    program with one line (exit 2)."""
+    for flag, path in nones:
+        config = flag_values[flag].value if flag in flag_values else None
+        if not hasattr(config, "keys"):
+            print(f"error: --{flag}.{path}=None: --{flag} is not a config flag", file=sys.stderr)
+            sys.exit(2)
+        *parents, leaf = path.split(".")
+        node = config
+        for p in parents:
+            node = node.get(p) if hasattr(node, "get") else None
+        if not hasattr(node, "keys") or leaf not in node:
+            print(f"error: the config has no field {path!r} (in --{flag}.{path}=None); see the config file for "
+                  "its fields", file=sys.stderr)
+            sys.exit(2)
+        node[leaf] = None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing for ``app.run(main, flags_parser=parse_flags)``: a bad flag ends with one line, exit 2.
 
     absl's own parser prints the whole traceback of a config file's ``get_config`` (e.g. an unknown variant in
     ``--config=configs/mgca.py:nonsense``); this prints the flag and the error's last line instead.
+    ``--config.<path>=None`` sets an optional field (e.g. ``method.local_chunk``) to None.
     """
     from absl import flags
+    argv, nones = split_none_overrides(argv)
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
+        apply_none_overrides(flags.FLAGS, nones)
+        return rest
     except flags.Error as e:
         first = str(e).splitlines()[0] if str(e) else ""
         flag = first.split(": Error whilst parsing config file")[0].rstrip(":")
@@ -120,6 +161,7 @@ def run_main(fn: Callable[[], object]) -> None:
     """
     from medvlp_jax import env
     env.quiet_startup()                      # before anything imports TF or asks JAX for devices
+    env.setup_compilation_cache()            # before the first compilation: a rerun loads the compiled step
     from medvlp_jax.config_lib import ConfigError
     from medvlp_jax.data.pipeline import BadRecordError
     from medvlp_jax.train.loop import Preempted

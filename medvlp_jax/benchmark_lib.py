@@ -11,9 +11,11 @@ What one row holds (``StepResult``):
                         SPMD program XLA reports one partition, so this is per-device flops x devices: it counts
                         what the hardware executes, including work that replicated parameters repeat on every
                         device (the optimizer update), so it is slightly above the "model FLOPs" of papers.
-                        XLA counts a loop body once, whatever its trip count: a step with loops (chunked local
-                        terms, remat, gradient accumulation) is counted on ``unrolled_config`` instead, compiled
-                        but never run (``flops_source`` says which); remat's recomputation is thus not counted.
+                        XLA counts a loop body once, whatever its trip count: a step with loops over matmuls
+                        (chunked local terms, gradient accumulation) or remat is counted on ``unrolled_config``
+                        instead, compiled but never run (``flops_source`` says which); remat's recomputation is
+                        thus not counted. A step without such loops (``loops_with_matmuls``) is counted as
+                        compiled, with no second compile, even when its config has a ``*_chunk`` it never uses.
   mfu                   achieved flops/s / peak flops/s of all devices (``peak_flops``: a table of bf16 dense
                         peaks for TPU v4/v5e/v5p/v6e and A100/H100/H200; on CPU the rate of a large float32
                         matmul on this host, because fake CPU devices share the same cores, measured right
@@ -189,7 +191,8 @@ def _build(config, devices: Sequence[jax.Device], materialize: bool = True) -> d
         state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                              jax.eval_shape(init, rng), shardings)
     step = step_lib.jit_train_step(
-        step_lib.make_train_step(model, objective, tx, schedule, grad_accum_steps=config.optim.grad_accum_steps),
+        step_lib.make_train_step(model, objective, tx, schedule, grad_accum_steps=config.optim.grad_accum_steps,
+                                 prng_impl=config.train.get("prng_impl", "threefry2x32")),
         shardings, sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh))
     return {"model": model, "objective": objective, "state": state, "step": step, "mesh": mesh}
 
@@ -212,6 +215,44 @@ def unrolled_config(config):
         c.optim.grad_accum_steps = 1
         changed.append("optim.grad_accum_steps=1")
     return c, changed
+
+
+LOOP_PRIMITIVES = ("scan", "while")
+MATMUL_PRIMITIVES = ("dot_general", "conv_general_dilated")
+
+
+def loops_with_matmuls(jaxpr) -> int:
+    """How many loops (``scan``/``while`` equations, at any depth) of ``jaxpr`` hold a matmul or convolution.
+
+    Those are the loops whose FLOPs XLA's cost analysis counts once instead of once per trip. Loops without
+    one (Sinkhorn's fori_loop, say) carry negligible FLOPs: a step with none needs no loop-free variant.
+    """
+    from jax.extend.core import jaxprs_in_params
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+
+    def has_matmul(j) -> bool:
+        j = getattr(j, "jaxpr", j)
+        return any(e.primitive.name in MATMUL_PRIMITIVES or any(has_matmul(s) for s in jaxprs_in_params(e.params))
+                   for e in j.eqns)
+
+    count = 0
+    for e in jaxpr.eqns:
+        subs = list(jaxprs_in_params(e.params))
+        if e.primitive.name in LOOP_PRIMITIVES and any(has_matmul(s) for s in subs):
+            count += 1
+        else:
+            count += sum(loops_with_matmuls(s) for s in subs)
+    return count
+
+
+def flop_count_variant(config, jaxpr) -> tuple[Any, list[str]]:
+    """The config to count the step's FLOPs on: ``unrolled_config(config)`` when the traced step (``jaxpr``) has
+    a loop over matmuls or the encoders are rematerialised; else ``(config, [])``: the compiled step's own count
+    is whole, and no second compile is needed (e.g. MGCA's pair-wise local terms never use ``local_chunk``)."""
+    unrolled, changed = unrolled_config(config)
+    if changed and not config.model.get("remat", False) and not loops_with_matmuls(jaxpr):
+        return config, []
+    return unrolled, changed
 
 
 def model_flops(config, devices: Sequence[jax.Device]) -> Optional[float]:
@@ -262,12 +303,13 @@ def objective_cost(config, *, devices: Optional[Sequence[jax.Device]] = None, st
             teacher = jax.tree.map(jax.lax.stop_gradient, o) if obj.ema_decay is not None else None
             loss, _ = obj.loss(method_params, o, batch, step, rng=jax.random.PRNGKey(0), teacher_out=teacher)
             return loss
-        return jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1))).lower(*args).compile()
+        traced = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1))).trace(*args)
+        return traced.lower().compile(), traced.jaxpr
 
     method_params = objective.prepare_params(state.params["method"])
     args = (method_params, diff, arrays, batch, jnp.asarray(at_step, jnp.int32))
     t0 = time.perf_counter()
-    compiled = compile_for(objective)
+    compiled, jaxpr = compile_for(objective)
     compile_s = time.perf_counter() - t0
     times = []
     for i in range(warmup + steps):
@@ -276,9 +318,9 @@ def objective_cost(config, *, devices: Optional[Sequence[jax.Device]] = None, st
         if i >= warmup:
             times.append(time.perf_counter() - t)
     unrolled, changed = unrolled_config(config)
-    if changed:                 # a chunked objective: XLA counts one chunk; count the one-block form instead
+    if changed and loops_with_matmuls(jaxpr):   # a chunked objective: XLA counts one chunk; count the one-block form
         from medvlp_jax.methods import make_objective
-        compiled = compile_for(make_objective(unrolled.method, steps_per_epoch=1000))
+        compiled, _ = compile_for(make_objective(unrolled.method, steps_per_epoch=1000))
     per_device = _cost_flops(compiled)
     return {"flops": None if per_device is None else per_device * len(devices),
             "step_s": statistics.median(times), "compile_s": compile_s}
@@ -324,7 +366,8 @@ def time_step(config, *, devices: Optional[Sequence[jax.Device]] = None, steps: 
                                                            state.step.sharding))
     batch = sharding_lib.to_global(synthetic_batch(config, config.train.batch_size), mesh)
     t0 = time.perf_counter()
-    lowered = step.lower(state, batch)
+    traced = step.trace(state, batch)
+    lowered = traced.lower()
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
@@ -336,8 +379,8 @@ def time_step(config, *, devices: Optional[Sequence[jax.Device]] = None, steps: 
         if i >= warmup:
             times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
-    unrolled, changed = unrolled_config(config)
-    if changed:                 # loops in the step: count the FLOPs on the loop-free variant (unrolled_config)
+    unrolled, changed = flop_count_variant(config, traced.jaxpr)
+    if changed:                 # loops over matmuls in the step: count the FLOPs on the loop-free variant
         flops = model_flops(unrolled, devices)
         flops_source = "loop-free variant: " + ", ".join(changed)
     else:
@@ -361,18 +404,26 @@ def time_step(config, *, devices: Optional[Sequence[jax.Device]] = None, steps: 
 
 
 def pipeline_throughput(config, *, batches: int = 20, warmup: int = 3) -> dict[str, float]:
-    """Examples/s of the tf.data training pipeline alone (decode, augment, batch, tokenise) on this host."""
+    """Examples/s of the tf.data training pipeline alone (decode, augment, batch, tokenise) on this host.
+
+    Also the process CPU seconds the timed batches took: ``examples_per_cpu_s`` is the rate per busy core, which
+    other programs on the host do not change much (wall-clock examples/s they do), so
+    ``target / examples_per_cpu_s`` estimates the cores a host needs for ``target`` examples/s.
+    """
     from medvlp_jax.data import pipeline, tokenizer as tokenizer_lib
     tok = tokenizer_lib.load_tokenizer(config.data.tokenizer_dir)
     it = pipeline.make_train_iter(config, tok, start_step=0)
     for _ in range(warmup):
         next(it)
-    t = time.perf_counter()
+    r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     for _ in range(batches):
         next(it)
     dt = time.perf_counter() - t
-    return {"examples_per_s": batches * config.train.batch_size / dt, "batches": batches,
-            "batch_size": int(config.train.batch_size), "seconds": dt}
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
+    n = batches * config.train.batch_size
+    return {"examples_per_s": n / dt, "batches": batches, "batch_size": int(config.train.batch_size), "seconds": dt,
+            "cpu_seconds": cpu, "examples_per_cpu_s": n / cpu if cpu > 0 else None}
 
 
 def default_scaling(config, num_devices: int) -> dict[str, list[int]]:
@@ -433,7 +484,9 @@ def run(config, *, steps: int = 10, warmup: int = 3, scaling: Optional[dict[str,
         if not os.path.isdir(cfg.data.tokenizer_dir) and os.path.isdir(os.path.join(data_root, "tokenizer")):
             cfg.data.tokenizer_dir = os.path.join(data_root, "tokenizer")
         pipe = pipeline_throughput(cfg, batches=pipeline_batches)
-        log(f"input pipeline: {pipe['examples_per_s']:.1f} examples/s (batch {pipe['batch_size']})")
+        per_core = pipe["examples_per_cpu_s"]
+        log(f"input pipeline: {pipe['examples_per_s']:.1f} examples/s (batch {pipe['batch_size']}), "
+            f"{per_core or float('nan'):.0f} examples per CPU-second")
     return {
         "environment": dict(environment(devices), load_average_start=load_start),
         "peak_flops_per_s": peak_all, "peak_source": peak_source,
@@ -455,6 +508,9 @@ def format_objective(obj: dict[str, Any]) -> str:
 
 def environment(devices: Sequence[jax.Device]) -> dict[str, Any]:
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "jax": jax.__version__,
+            # compile_s of a step the persistent cache holds is its load time (MEDVLP_COMPILATION_CACHE=off: cold)
+            "compilation_cache": jax.config.jax_compilation_cache_dir
+            if jax.config.jax_enable_compilation_cache else None,
             "platform": devices[0].platform, "device_kind": devices[0].device_kind, "num_devices": len(devices),
             "host": platform.machine(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "host_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -493,13 +549,17 @@ def markdown(result: dict[str, Any], title: str = "") -> str:
         lines.append(format_objective(result["objective"]))
     if result.get("pipeline"):
         p = result["pipeline"]
+        per_core = p.get("examples_per_cpu_s")
         lines.append(f"Input pipeline alone: **{p['examples_per_s']:.0f} examples/s** "
-                     f"(batch {p['batch_size']}, {p['batches']} batches).")
+                     f"(batch {p['batch_size']}, {p['batches']} batches)"
+                     + (f", {per_core:.0f} examples per CPU-second." if per_core else "."))
     load = f"load average {env.get('load_average_start', float('nan')):.1f} at the start, " \
            f"{env['load_average_1m']:.1f} at the end"
     lines.append(f"Peak for MFU: {result['peak_source']}. "
                  f"Memory: {result['base']['memory_source']}. Devices: {env['num_devices']} x {env['device_kind']} "
-                 f"({env['platform']}), jax {env['jax']}, {env['cpu_count']} CPUs ({load}), {env['date']}.")
+                 f"({env['platform']}), jax {env['jax']}, {env['cpu_count']} CPUs ({load}), {env['date']}. "
+                 f"Compilation cache: {env.get('compilation_cache') or 'off'} (compile s of a cached step is its "
+                 "load time).")
     return "\n".join(lines) + "\n"
 
 

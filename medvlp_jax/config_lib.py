@@ -126,6 +126,7 @@ def base(variant: str = "paper", image: str = "") -> ml_collections.ConfigDict:
         hidden=2048 if variant == "paper" else 256))
     c.model.dtype = "float32"    # compute dtype; "bfloat16" keeps float32 master weights
     c.model.remat = False        # jax.checkpoint per encoder block (fits larger batches)
+    c.model.fusion_barrier = "auto"   # "auto": on for XLA:CPU (models/fusion_barrier.py); "on" / "off"
 
     # ---- optimiser (MGCA: AdamW 2e-5, wd 0.05, 40% linear warm-up then cosine, per step) ----
     c.optim = ml_collections.ConfigDict(dict(
@@ -143,6 +144,9 @@ def base(variant: str = "paper", image: str = "") -> ml_collections.ConfigDict:
         ckpt_every_steps={"paper": 1000, "demo": 100, "test": 3}[variant],
         keep_ckpts=3,
         nonfinite="skip",          # "skip": drop the update and count it; "stop": raise with step + record ids
+        # Generator of the dropout bits (train/step.py PRNG_IMPLS). threefry2x32 = the state key itself, as all
+        # earlier runs; philox4x32 was ~0.5% faster on CPU at the paper config (docs/benchmarks.md), rbg slower.
+        prng_impl="threefry2x32",
         eval_at_end=True))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))   # -1: all remaining devices
     # First matching regex wins. 'fsdp' shards the largest dim divisible by the fsdp axis size.

@@ -40,7 +40,7 @@ PACKAGES: dict[str, tuple[str, ...]] = {
     "libtpu": ("libtpu", "libtpu-nightly"),
 }
 # Environment variables that change what JAX, XLA or TF do on this machine.
-ENV_VARS = ("JAX_PLATFORMS", "JAX_COMPILATION_CACHE_DIR", "JAX_ENABLE_X64", "XLA_FLAGS",
+ENV_VARS = ("JAX_PLATFORMS", "JAX_COMPILATION_CACHE_DIR", "MEDVLP_COMPILATION_CACHE", "JAX_ENABLE_X64", "XLA_FLAGS",
             "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION", "CUDA_VISIBLE_DEVICES",
             "TPU_VISIBLE_CHIPS", "TF_CPP_MIN_LOG_LEVEL", "JAX_LOGGING_LEVEL")
 
@@ -204,6 +204,68 @@ def bf16_status() -> dict[str, Any]:
     return {"runs": runs, "max_rel_error": err, "native": native, "why": why}
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Persistent compilation cache (launchers)
+
+CACHE_ENV = "MEDVLP_COMPILATION_CACHE"        # a directory, or "off"
+CACHE_OFF = ("off", "0", "false", "no", "none")
+
+
+def default_cache_dir(environ=None) -> str:
+    """``$XDG_CACHE_HOME/medvlp_jax/jax_cache`` (``~/.cache/medvlp_jax/jax_cache`` when XDG_CACHE_HOME is unset)."""
+    environ = os.environ if environ is None else environ
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "medvlp_jax", "jax_cache")
+
+
+def launcher_cache_dir(environ=None, jax_dir: Optional[str] = None) -> Optional[str]:
+    """The compilation cache directory the launchers use, or None when it is off.
+
+    ``MEDVLP_COMPILATION_CACHE=off`` turns it off; ``MEDVLP_COMPILATION_CACHE=<dir>`` chooses the directory;
+    otherwise a directory JAX already has (``JAX_COMPILATION_CACHE_DIR``, passed as ``jax_dir``) is kept, and
+    ``default_cache_dir()`` is used when there is none.
+    """
+    environ = os.environ if environ is None else environ
+    value = environ.get(CACHE_ENV)
+    if value is not None and value.strip().lower() in CACHE_OFF + ("",):
+        return None
+    if value:
+        return os.path.expanduser(value)
+    return jax_dir or default_cache_dir(environ)
+
+
+def setup_compilation_cache(environ=None) -> Optional[str]:
+    """Turns on JAX's persistent compilation cache for a launcher (``launcher_cache_dir``); returns the directory.
+
+    A resumed or repeated run then loads the compiled step from disk instead of compiling it again (the key
+    covers the program, its shardings, jax/jaxlib versions and XLA flags, so any change compiles afresh).
+    Programs that compile in under ``jax_persistent_cache_min_compile_time_secs`` (1 s) are not stored; entries
+    are never evicted (a few MB to ~100 MB per program: delete the directory to reclaim the space). Off
+    (``MEDVLP_COMPILATION_CACHE=off``, which the test suite sets) leaves JAX's cache disabled, and an unwritable
+    directory is reported on stderr and left off. Call before the first compilation.
+    """
+    import jax
+    path = launcher_cache_dir(environ, jax.config.jax_compilation_cache_dir)
+    if path is None:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        print(f"warning: compilation cache {path!r} cannot be created ({e.strerror}); compiling without it "
+              f"(set {CACHE_ENV}=<dir> or {CACHE_ENV}=off)", file=sys.stderr)
+        return None
+    if not os.access(path, os.W_OK):
+        print(f"warning: compilation cache {path!r} is not writable; compiling without it "
+              f"(set {CACHE_ENV}=<dir> or {CACHE_ENV}=off)", file=sys.stderr)
+        return None
+    jax.config.update("jax_enable_compilation_cache", True)
+    # No size cap (jax_compilation_cache_max_size): with one, JAX's eviction fails on entries that an uncapped
+    # writer (a notebook, JAX_COMPILATION_CACHE_DIR) left in the same directory, and then stores nothing.
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
 def compilation_cache_status() -> dict[str, Any]:
     """Whether JAX's persistent compilation cache is on (``jax_compilation_cache_dir``), where, and its limits."""
     import jax
@@ -216,6 +278,7 @@ def compilation_cache_status() -> dict[str, Any]:
         status["writable"] = os.access(probe, os.W_OK)
     if not path:
         status["how"] = "export JAX_COMPILATION_CACHE_DIR=~/.cache/jax (or jax.config.update(...)) to turn it on"
+    status["launchers"] = launcher_cache_dir(jax_dir=path)      # what launch/*.py use (setup_compilation_cache)
     return status
 
 
@@ -245,7 +308,8 @@ def format_report(rep: dict[str, Any]) -> str:
         f"(max rel. error vs float32 {b['max_rel_error']:.1e}); "
         f"native: {'yes' if b['native'] else 'no' if b['native'] is False else 'unknown'} - {b['why']}",
         f"compile cache        " + (f"on: {c['dir']}" + ("" if c.get("writable", True) else " (NOT writable)")
-                              if c["enabled"] else f"off ({c['how']})"),
+                              if c["enabled"] else f"off ({c['how']})")
+        + f"; launchers: {c.get('launchers') or f'off ({CACHE_ENV}=off)'}",
         f"python               {rep['python']}",
     ]
     for name, version in rep["versions"].items():

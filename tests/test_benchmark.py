@@ -109,3 +109,32 @@ def test_benchmark_cli_smoke(tmp_path):
     assert r["pipeline"]["examples_per_s"] > 0 and r["environment"]["platform"] == "cpu"
     assert 0 < r["objective"]["share_of_step_flops"] < 0.01 and "Objective alone" in proc.stdout
     assert "| base | 8 | 16 | 32 |" in (tmp_path / "bench.md").read_text() and "| base |" in proc.stdout
+
+
+def test_loops_with_matmuls_counts_only_loops_over_matmuls():
+    x = jnp.ones((4, 3, 3))
+    mapped = jax.make_jaxpr(lambda x: jax.lax.map(lambda r: r @ r.T, x))(x)
+    elementwise = jax.make_jaxpr(lambda x: jax.lax.fori_loop(0, 3, lambda i, c: c * 2.0, x))(x)
+    nested = jax.make_jaxpr(jax.jit(lambda x: jnp.sum(jax.lax.map(lambda r: jnp.sin(r) @ r, x)) + jnp.sum(x)))(x)
+    plain = jax.make_jaxpr(lambda x: x @ x)(x)
+    assert [benchmark_lib.loops_with_matmuls(j) for j in (mapped, elementwise, nested, plain)] == [1, 0, 1, 0]
+
+
+def test_flop_count_variant_skips_the_second_compile_when_no_loop_holds_a_matmul():
+    """MGCA's pair-wise local terms never use local_chunk: the step is counted as compiled. With the "batch" local
+    negatives the chunks are a lax.map over matmuls: the loop-free variant is needed, as with remat."""
+    c = helpers.load_config("mgca")
+
+    def jaxpr(cfg):
+        b = benchmark_lib._build(cfg, jax.devices()[:1], materialize=False)
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding_lib.batch_sharding(b["mesh"]))
+                 for k, v in benchmark_lib.synthetic_batch(cfg, cfg.train.batch_size).items()}
+        return b["step"].trace(b["state"], batch).jaxpr
+
+    cfg, changed = benchmark_lib.flop_count_variant(c, jaxpr(c))
+    assert changed == [] and cfg is c
+    c.method.local_negatives, c.method.local_chunk = "batch", 4
+    cfg, changed = benchmark_lib.flop_count_variant(c, jaxpr(c))
+    assert changed == ["method.local_chunk=None"] and cfg.method.local_chunk is None
+    c.method.local_negatives, c.model.remat = "pair", True
+    assert benchmark_lib.flop_count_variant(c, jaxpr(c))[1] == ["method.local_chunk=None", "model.remat=False"]

@@ -136,7 +136,11 @@ def decode_image(tf, image_bytes, *, resize: int, crop: int, channels: int, trai
     shape = tf.cast(tf.shape(img)[:2], tf.float32)
     scale = resize / tf.reduce_max(shape)
     new = tf.cast(tf.round(shape * scale), tf.int32)
-    img = tf.image.resize(img, new, method="area", antialias=True)
+    # An image stored at the training resolution (the converters' --image_size, 256 = the paper's data.resize)
+    # needs no resampling: the area resize is then the identity, bit for bit, and was ~1/4 of the CPU time of
+    # the whole pipeline (docs/benchmarks.md), so it is skipped.
+    img = tf.cond(tf.reduce_all(tf.equal(new, tf.shape(img)[:2])), lambda: img,
+                  lambda: tf.image.resize(img, new, method="area", antialias=True))
     img = tf.image.pad_to_bounding_box(img, (resize - new[0]) // 2, (resize - new[1]) // 2, resize, resize)
     if train:
         img = tf.image.stateless_random_crop(img, [crop, crop, 1], seed=seed)

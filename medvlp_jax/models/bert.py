@@ -31,7 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medvlp_jax.models.vit import SelfAttention
+from medvlp_jax.models.fusion_barrier import backward_fusion_barrier
+from medvlp_jax.models.vit import SelfAttention, gelu
 
 Array = jax.Array
 Dtype = Any
@@ -58,7 +59,7 @@ class BertLayer(nn.Module):
                                  kernel_init=_INIT, name="attn")(x, bias, train=train)
         x = ln("attn_ln")(x + drop(y))
         y = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=_INIT, name="mlp_in")(x)
-        y = nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=_INIT, name="mlp_out")(nn.gelu(y, approximate=False))
+        y = nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=_INIT, name="mlp_out")(gelu(y))
         return ln("mlp_ln")(x + drop(y)), probs
 
 
@@ -81,6 +82,7 @@ class Bert(nn.Module):
       add_pooler: also build BERT's pooler (tanh(Dense(cls))) and return ``pooled``.
       dtype: compute dtype (params float32; softmax float32).
       remat: recompute each layer in the backward pass.
+      fusion_barrier: materialise the hidden state's cotangent between layers (``fusion_barrier.py``; XLA:CPU).
     """
     vocab_size: int = 28996
     width: int = 768
@@ -97,6 +99,7 @@ class Bert(nn.Module):
     add_pooler: bool = False
     dtype: Dtype = jnp.float32
     remat: bool = False
+    fusion_barrier: bool = False
 
     @nn.compact
     def __call__(self, input_ids: Array, attention_mask: Array, train: bool = False,
@@ -146,6 +149,8 @@ class Bert(nn.Module):
         for i in range(self.depth):
             x, probs = layer_cls(self.num_heads, self.mlp_dim, self.layer_norm_eps, self.dropout,
                                  self.attention_dropout, self.dtype, name=f"layer_{i}")(x, bias, train)
+            if self.fusion_barrier:
+                x = backward_fusion_barrier(x)
             hidden.append(x)
         self.sow("intermediates", "hidden_states", tuple(hidden))
 

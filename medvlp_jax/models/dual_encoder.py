@@ -56,6 +56,9 @@ Submodule / parameter names: ``image``, ``text``, ``img_head``, ``txt_head``, ``
       e.g. GLoRIA: patch_kind="linear", patch_bias=False, text_kind=word_kind="identity".
   dtype: "float32" | "bfloat16" compute dtype (params float32; embeddings and features returned float32).
   remat: recompute every ViT/BERT block / ResNet bottleneck in the backward pass.
+  fusion_barrier ("auto" | "on" | "off"): materialise the residual stream's cotangent between ViT blocks / BERT layers
+      (``fusion_barrier.py``; "auto" = on when JAX's default backend is the CPU, where XLA's fusion otherwise
+      recomputes it quadratically in the depth). Values are unchanged.
 """
 from __future__ import annotations
 
@@ -68,6 +71,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medvlp_jax.methods import common as methods_common
+from medvlp_jax.models import fusion_barrier
 from medvlp_jax.models.bert import Bert
 from medvlp_jax.models.heads import HEAD_KINDS, ProjectionHead
 from medvlp_jax.models.resnet import ResNet
@@ -143,7 +147,8 @@ def build_image_tower(model_cfg: Any) -> nn.Module:
     dtype, remat = compute_dtype(model_cfg), bool(_get(model_cfg, "remat", False))
     if name in VIT_PRESETS:
         sizes = {k: _get(icfg, k, v) for k, v in VIT_PRESETS[name].items()}
-        return ViT(**sizes, layer_norm_eps=_get(icfg, "layer_norm_eps", 1e-6), dtype=dtype, remat=remat)
+        return ViT(**sizes, layer_norm_eps=_get(icfg, "layer_norm_eps", 1e-6), dtype=dtype, remat=remat,
+                   fusion_barrier=fusion_barrier.enabled(_get(model_cfg, "fusion_barrier", "auto")))
     if name in RESNET_PRESETS:
         preset = RESNET_PRESETS[name]
         stage_sizes = tuple(_get(icfg, "stage_sizes", preset["stage_sizes"]))
@@ -161,7 +166,8 @@ def build_text_tower(model_cfg: Any) -> Bert:
               "layer_norm_eps", "dropout", "use_position_ids", "sum_last_layers")
     kwargs = {f: _get(tcfg, f) for f in fields if _get(tcfg, f) is not None}
     kwargs["attention_dropout"] = _get(tcfg, "attention_dropout", _get(tcfg, "dropout", 0.1))
-    return Bert(**kwargs, dtype=compute_dtype(model_cfg), remat=bool(_get(model_cfg, "remat", False)))
+    return Bert(**kwargs, dtype=compute_dtype(model_cfg), remat=bool(_get(model_cfg, "remat", False)),
+                fusion_barrier=fusion_barrier.enabled(_get(model_cfg, "fusion_barrier", "auto")))
 
 
 def build_head(model_cfg: Any, role: str) -> ProjectionHead:

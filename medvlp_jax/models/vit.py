@@ -25,8 +25,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medvlp_jax.models.fusion_barrier import backward_fusion_barrier
+
 Array = jax.Array
 Dtype = Any
+
+
+def gelu(x: Array) -> Array:
+    """Exact (erf) GELU in torch.nn.GELU's form, x / 2 * (1 + erf(x / sqrt(2))), computed in x's dtype.
+
+    ``jax.nn.gelu(approximate=False)`` computes x / 2 * erfc(-x / sqrt(2)): the same function (it differs by
+    float rounding, ~1e-6 absolute, smaller in the far negative tail) but XLA:CPU expands erfc into three
+    fusions that ran ~1.6x slower in wall time in a ViT-B/16 step on 2 cores (docs/benchmarks.md).
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
 
 
 class SelfAttention(nn.Module):
@@ -90,7 +102,7 @@ class ViTBlock(nn.Module):
         x = x + y
         y = nn.Dense(self.mlp_dim, dtype=self.dtype, name="mlp_in")(ln("ln_2")(x))
         # timm, DeiT and HF ViT all use the exact GELU (torch.nn.GELU default), not the tanh approximation.
-        y = nn.Dense(x.shape[-1], dtype=self.dtype, name="mlp_out")(nn.gelu(y, approximate=False))
+        y = nn.Dense(x.shape[-1], dtype=self.dtype, name="mlp_out")(gelu(y))
         return x + y, probs
 
 
@@ -110,6 +122,7 @@ class ViT(nn.Module):
       layer_norm_eps: 1e-6 (timm/DeiT, MGCA); Hugging Face ViT configs default to 1e-12.
       dtype: compute dtype; parameters are always float32.
       remat: recompute each block in the backward pass (``nn.remat``) to save activation memory.
+      fusion_barrier: materialise the residual stream's cotangent between blocks (``fusion_barrier.py``; XLA:CPU).
     """
     patch_size: int = 16
     width: int = 768
@@ -120,6 +133,7 @@ class ViT(nn.Module):
     layer_norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
     remat: bool = False
+    fusion_barrier: bool = False
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -161,6 +175,8 @@ class ViT(nn.Module):
         for i in range(self.depth):
             x, probs = block_cls(self.num_heads, self.mlp_dim, self.layer_norm_eps, self.dtype,
                                  name=f"block_{i}")(x, train)
+            if self.fusion_barrier:
+                x = backward_fusion_barrier(x)
         x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, use_fast_variance=False, name="ln_final")(x)
 
         attn_row = probs[:, :, 0, :].mean(axis=1)                      # [b, 1 + p]

@@ -126,7 +126,8 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None) -> dict[st
                                   depth=config.data.get("prefetch", 2))
     train_step = step_lib.jit_train_step(
         step_lib.make_train_step(s["model"], s["objective"], s["tx"], s["schedule"],
-                                 grad_accum_steps=config.optim.grad_accum_steps),
+                                 grad_accum_steps=config.optim.grad_accum_steps,
+                                 prng_impl=config.train.get("prng_impl", "threefry2x32")),
         s["shardings"], sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh))
 
     writer = logging_lib.MetricWriter(workdir, enabled=is_main)

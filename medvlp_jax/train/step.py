@@ -53,17 +53,43 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
+# config.train.prng_impl: the generator of the model's dropout bits. "threefry2x32" uses the step key as is (the
+# state's key); the others draw a key of that implementation from it (jax.random.wrap_key_data), so runs stay
+# reproducible and resumable from the same state key, only the masks differ (docs/benchmarks.md: why and when).
+PRNG_IMPLS = ("threefry2x32", "philox4x32", "philox2x32", "threefry4x32", "rbg", "unsafe_rbg")
+_KEY_WORDS = {"threefry2x32": 2, "philox4x32": 2, "philox2x32": 1, "threefry4x32": 4, "rbg": 4, "unsafe_rbg": 4}
+
+
+def dropout_key(rng: jax.Array, prng_impl: str = "threefry2x32") -> jax.Array:
+    """The dropout key of one step: ``rng`` (a raw threefry uint32[2] key) itself, or a typed key of
+    ``prng_impl`` whose data are threefry bits drawn from ``rng``."""
+    if prng_impl not in PRNG_IMPLS:
+        raise ValueError(f"config.train.prng_impl={prng_impl!r}; use one of {PRNG_IMPLS}")
+    if prng_impl == "threefry2x32":
+        return rng
+    words = jax.random.bits(rng, (_KEY_WORDS[prng_impl],), jnp.uint32)
+    return jax.random.wrap_key_data(words, impl=prng_impl)
+
+
 def make_train_step(model, objective, tx: optax.GradientTransformation, schedule: Callable, *,
-                    grad_accum_steps: int = 1) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """Returns the (un-jitted) pure train step; ``jit_train_step`` adds shardings and donation."""
+                    grad_accum_steps: int = 1,
+                    prng_impl: str = "threefry2x32") -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Returns the (un-jitted) pure train step; ``jit_train_step`` adds shardings and donation.
+
+    ``prng_impl`` (``config.train.prng_impl``) generates the dropout masks (``dropout_key``); the objective's
+    ``rng`` stays the threefry step key.
+    """
+    if prng_impl not in PRNG_IMPLS:            # fail here, not inside jit
+        raise ValueError(f"config.train.prng_impl={prng_impl!r}; use one of {PRNG_IMPLS}")
 
     def forward_loss(params, model_state, batch, step, rng, teacher_out):
         variables = {"params": params["encoders"], **model_state}
         mutable = list(model_state.keys())
+        rngs = {"dropout": dropout_key(rng, prng_impl)}
         if mutable:
-            out, new_model_state = model.apply(variables, batch, train=True, rngs={"dropout": rng}, mutable=mutable)
+            out, new_model_state = model.apply(variables, batch, train=True, rngs=rngs, mutable=mutable)
         else:
-            out, new_model_state = model.apply(variables, batch, train=True, rngs={"dropout": rng}), {}
+            out, new_model_state = model.apply(variables, batch, train=True, rngs=rngs), {}
         loss, metrics = objective.loss(params["method"], out, batch, step, rng=rng, teacher_out=teacher_out)
         return loss, (metrics, dict(new_model_state))
 
