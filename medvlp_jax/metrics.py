@@ -216,8 +216,11 @@ def best_f1(scores, labels, *, strict_accuracy: bool = True) -> BestF1:
     """The MedKLIP/KAD zero-shot protocol: the threshold that maximises F1, and F1/accuracy there.
 
     Candidate thresholds are the distinct scores (sklearn ``precision_recall_curve``); a sample is
-    positive for F1 when ``score >= threshold``. Among thresholds with equal F1 the lowest one is chosen,
-    as ``np.argmax`` over sklearn's increasing thresholds does.
+    positive for F1 when ``score >= threshold``. F1 is computed as MedKLIP does, ``2 r p / (r + p)`` from
+    sklearn's float precision and recall, and the threshold is ``np.argmax`` of it over sklearn's increasing
+    thresholds: the first maximum in floating point. F1 values that are equal as fractions can differ there in
+    the last bit (2/3 from p=1/2, r=1 vs p=1, r=1/2); the larger float wins, and among bit-equal values the
+    lowest threshold.
 
     MedKLIP quirk (``Classification_Test_Sample_on_CXR14/test.py``): accuracy is then computed with
     ``score > threshold`` (strict), so the sample(s) at the threshold count as negative for accuracy while
@@ -243,12 +246,14 @@ def best_f1(scores, labels, *, strict_accuracy: bool = True) -> BestF1:
     group_end = np.concatenate([np.flatnonzero(s_desc[1:] != s_desc[:-1]), [s.size - 1]])
     tp = np.cumsum(y_desc)[group_end]
     fp = group_end + 1 - tp
-    f1 = _f1_from_counts(tp, fp, n_pos)
-    best = int(np.flatnonzero(f1 == f1.max())[-1])  # descending order: last max = lowest threshold
+    precision = tp / (tp + fp).astype(np.float64)
+    recall = tp / np.float64(n_pos)
+    num, den = 2 * recall * precision, recall + precision           # sklearn's arrays, MedKLIP's formula
+    f1 = np.divide(num, den, out=np.zeros_like(den), where=den != 0)
+    best = int(np.flatnonzero(f1 == f1.max())[-1])  # descending order: last max = first over increasing ones
     thr = float(s_desc[group_end[best]])
     acc = binary_accuracy(s, y, thr, strict=strict_accuracy)
-    return BestF1(thr, float(f1[best]), float(tp[best] / (tp[best] + fp[best])), float(tp[best] / n_pos),
-                  acc)
+    return BestF1(thr, float(f1[best]), float(precision[best]), float(recall[best]), acc)
 
 
 class MacroBestF1(NamedTuple):

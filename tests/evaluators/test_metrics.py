@@ -100,6 +100,41 @@ def test_best_f1_tie_takes_lowest_threshold_and_matches_brute_force():
         assert M.best_f1(s, y).f1 == pytest.approx(brute)
 
 
+def _medklip_reference(scores, labels):
+    """MedKLIP's selection written out: sklearn-style float precision/recall per increasing threshold,
+    f1 = 2 r p / (r + p), first maximum."""
+    best_t, best_f1 = None, -1.0
+    n_pos = sum(labels)
+    for t in sorted(set(scores)):
+        tp = sum(1 for s, y in zip(scores, labels) if s >= t and y)
+        pp = sum(1 for s in scores if s >= t)
+        p, r = tp / pp, tp / n_pos
+        f1 = 2 * r * p / (r + p) if r + p else 0.0
+        if f1 > best_f1:
+            best_t, best_f1 = t, f1
+    return best_t, best_f1
+
+
+def test_best_f1_exact_fraction_ties_follow_sklearn_first_float_maximum():
+    # F1 = 2/3 as a fraction at thresholds 0.0 (p=1/2, r=1), 0.4 (p=5/9, r=5/6) and 1.0 (p=1, r=1/2);
+    # computed as MedKLIP does from float p and r, 0.4's value is the largest, so sklearn's argmax takes it.
+    s = [0.6, 0.0, 0.0, 0.4, 1.0, 1.0, 0.0, 0.8, 0.6, 0.4, 0.4, 1.0]
+    y = [0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 1, 1]
+    r = M.best_f1(s, y)
+    assert r.threshold == 0.4 == _medklip_reference(s, y)[0]
+    assert r.precision == pytest.approx(5 / 9) and r.recall == pytest.approx(5 / 6)
+    assert r.accuracy == pytest.approx(6 / 12)       # strict (> 0.4): 3 TP + 3 TN of 12
+    rng = np.random.default_rng(2)
+    for _ in range(300):
+        n = int(rng.integers(2, 40))
+        s = list(rng.integers(0, 6, n) / 5.0)
+        y = [int(v) for v in rng.integers(0, 2, n)]
+        if sum(y):
+            t, f1 = _medklip_reference(s, y)
+            got = M.best_f1(s, y)
+            assert (got.threshold, got.f1) == (t, f1)
+
+
 def test_best_f1_without_positives_and_macro():
     assert M.best_f1([0.2, 0.4], [0, 0]) == M.BestF1(float("inf"), 0.0, 0.0, 0.0, 1.0)
     scores = np.array([[0.9, 0.9], [0.8, 0.8], [0.7, 0.7], [0.6, 0.6], [0.5, 0.5]])
