@@ -18,7 +18,6 @@ For the untrained column, first run ``python launch/evaluate.py --config=configs
 (its JSON, runs/benchmarks/<method>_<variant>_<platform>.json, is found with --benchmarks). See
 medvlp_jax/run_summary.py for what each column is.
 """
-import argparse
 import glob
 import json
 import os
@@ -52,7 +51,8 @@ def _parse_groups(specs: list[str]):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from medvlp_jax.app import ArgumentParser
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("workdirs", nargs="*", help="pretraining workdirs")
     p.add_argument("--benchmarks", default=None, help="directory of launch/benchmark.py JSON files")
     p.add_argument("--out", default=None, help="also write the table to this Markdown file")

@@ -22,12 +22,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHECKPOINT_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):           # one line instead of usage + message
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def resolve_source(source: str) -> str:
     """The checkpoint file: ``source`` itself, or the single checkpoint file in the directory ``source``."""
     from medvlp_jax.models.released import CheckpointImportError
@@ -44,7 +38,8 @@ def resolve_source(source: str) -> str:
 
 def main(argv=None) -> None:
     from medvlp_jax.models import released
-    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from medvlp_jax.app import ArgumentParser
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--format", required=True, choices=sorted(released.FORMATS),
                         help="whose checkpoint: mgca (ViT-B/16 or ResNet-50) or gloria (ResNet-50)")
     parser.add_argument("--source", required=True, help="the released .ckpt file (or a directory holding only it)")

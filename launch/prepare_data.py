@@ -41,7 +41,8 @@ CONVERTERS = {   # name -> (module, function); imported lazily so one broken rea
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from medvlp_jax.app import ArgumentParser
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="dataset", required=True)
     demo = sub.add_parser("demo", help="IU chest X-ray reports + rendered radiographs (built-in)")
     demo.add_argument("--out", default="data/demo_iu")
@@ -76,8 +77,22 @@ def main(argv=None):
             p.add_argument("--reports", default=None, help="directory of mimic-cxr-reports (default: --source)")
         _add_format(p)
     args = parser.parse_args(argv)
-    from medvlp_jax import env
-    env.quiet_startup()
+    from medvlp_jax import app
+    # Bad input (a missing or malformed source file, an unwritable --out) ends with one line and exit 2.
+    app.run_main(lambda: _prepare(args), jax_launcher=False, input_errors=(ValueError,))
+
+
+def _check_source(args) -> None:
+    if not os.path.isdir(args.source):
+        raise FileNotFoundError(f"--source={args.source} is not a directory; pass the root of the {args.dataset} "
+                                f"download (see README, Data)")
+
+
+def _prepare(args) -> None:
+    from medvlp_jax.config_lib import check_output_dir
+    if getattr(args, "source", None) is not None:
+        _check_source(args)
+    check_output_dir(args.out, "--out")
     if getattr(args, "format", "tfrecord") == "tfds":
         summary = _prepare_tfds(args)
         print(json.dumps(summary, indent=1, default=str))
@@ -97,8 +112,6 @@ def main(argv=None):
     else:
         import importlib
         module, fn = CONVERTERS[args.dataset]
-        if not os.path.isdir(args.source):
-            sys.exit(f"error: --source={args.source} is not a directory")
         kwargs = dict(image_size=args.image_size, num_shards=args.num_shards, seed=args.seed,
                       skip_bad=args.skip_bad, limit=args.limit)
         if args.dataset == "ms_cxr":
@@ -124,8 +137,6 @@ def _prepare_tfds(args) -> dict:
         from medvlp_jax.data import prepare
         summary["tokenizer"] = prepare.train_tokenizer(summary["root"], vocab_size=args.vocab_size)
         return summary
-    if not os.path.isdir(args.source):
-        sys.exit(f"error: --source={args.source} is not a directory")
     options = dict(image_size=args.image_size, seed=args.seed, skip_bad=args.skip_bad, limit=args.limit)
     if args.dataset == "ms_cxr":
         options["images_dir"] = args.images

@@ -3,7 +3,9 @@
   python launch/pretrain.py --config=configs/convirt.py:demo --workdir=runs/convirt_demo
   python launch/pretrain.py --config=configs/mgca.py --workdir=runs/mgca --config.train.batch_size=64
 
-A rerun with the same --workdir resumes from its latest checkpoint on the same data order.
+A rerun with the same --workdir resumes from its latest checkpoint on the same data order; a config that would
+change the run (schedule, batch, model, method, data) is refused unless --allow_config_change.
+Ctrl-C or SIGTERM saves a checkpoint at the current step and exits (a second Ctrl-C aborts at once).
 """
 import os
 import sys
@@ -16,6 +18,8 @@ from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<method>.py[:variant]", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, TensorBoard events and results go")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool("allow_config_change", False, "resume a workdir although the config "
+                                          "differs from its config.json (the old one is kept beside it)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -27,7 +31,7 @@ def main(argv):
 
 def _train():
     from medvlp_jax.train import loop
-    loop.run(_CONFIG.value, _WORKDIR.value)
+    loop.run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
 
 
 if __name__ == "__main__":

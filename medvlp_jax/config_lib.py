@@ -177,6 +177,15 @@ def validate(config, *, num_devices: int) -> None:
                               f"{PREPARE_COMMANDS.get(config.data.name, 'python launch/prepare_data.py --help')}"
                               f" (or point --config.data.root at prepared shards)")
     bs = config.train.batch_size
+    if not isinstance(bs, int) or bs <= 0:
+        raise ConfigError(f"config.train.batch_size={bs!r} must be a positive number of examples per step "
+                          f"(a multiple of the {num_devices} devices)")
+    for field in ("log_every_steps", "keep_ckpts"):
+        if config.train[field] < 1:
+            raise ConfigError(f"config.train.{field}={config.train[field]!r} must be at least 1")
+    if not (config.train.get("total_steps") or 0) > 0 and not config.train.get("epochs", 0) > 0:
+        raise ConfigError(f"config.train.total_steps={config.train.get('total_steps')!r} and config.train.epochs="
+                          f"{config.train.get('epochs')!r}: set one of them to a positive number")
     if bs % num_devices:
         raise ConfigError(f"config.train.batch_size={bs} is not divisible by the {num_devices} devices; "
                           f"set --config.train.batch_size to a multiple of {num_devices}")
@@ -201,3 +210,47 @@ def validate(config, *, num_devices: int) -> None:
     if ckpt and not os.path.isdir(ckpt):
         raise ConfigError(f"config.model.text.hf_checkpoint={ckpt!r} does not exist; download the checkpoint "
                           f"directory (config.json + weights) there, or set it to '' to train from scratch")
+
+
+# Fields a resumed run may change without --allow_config_change: how often it logs or saves, how many checkpoints
+# it keeps, the end-of-run evaluation, what a non-finite step does, prefetch depth and the device layout (a
+# checkpoint restores onto any mesh). Every other field changes the run (schedule, batch, model, method, data).
+RESUME_NEUTRAL_FIELDS = ("train.log_every_steps", "train.ckpt_every_steps", "train.keep_ckpts", "train.eval_at_end",
+                         "train.nonfinite", "data.prefetch", "mesh", "param_sharding", "model.remat",
+                         "model.fusion_barrier")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def resume_config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted names of the fields that differ between two configs (as JSON dicts) and change the run.
+
+    A field present in one only counts as changed; ``RESUME_NEUTRAL_FIELDS`` (and fields under them) do not.
+    """
+    a, b = _flatten(old), _flatten(new)
+    neutral = lambda k: any(k == n or k.startswith(n + ".") for n in RESUME_NEUTRAL_FIELDS)  # noqa: E731
+    return sorted(k for k in set(a) | set(b) if not neutral(k) and a.get(k, "<absent>") != b.get(k, "<absent>"))
+
+
+def check_output_dir(path: str, flag: str) -> None:
+    """Creates ``path`` if needed and checks that files can be written there; raises ConfigError naming ``flag``.
+
+    Called before any expensive work, so a wrong --workdir costs nothing and loses nothing.
+    """
+    import tempfile
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{flag}={path} is a file, not a directory; pass a directory (it is created if missing)")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".medvlp_write_test"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag}={path} is not writable ({e.strerror or e}); pass a directory you can write to"
+                          ) from None

@@ -20,15 +20,22 @@ def setup_logging() -> None:
 
 
 class MetricWriter:
-    """``write_scalars(step, {name: value})`` to TensorBoard (``<workdir>/tb``) and ``metrics.jsonl``."""
+    """``write_scalars(step, {name: value})`` to TensorBoard (``<workdir>/tb``) and ``metrics.jsonl``.
 
-    def __init__(self, workdir: str, *, enabled: bool = True):
+    ``resume_step``: the step a run resumes from (0 for a fresh start). Rows of ``metrics.jsonl`` after it were
+    written past the last checkpoint by the interrupted run and are written again by this one, so they are
+    dropped first: the file never holds a step twice.
+    """
+
+    def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self._tb = None
         self._jsonl = None
         if enabled:
             import tensorflow as tf
             os.makedirs(workdir, exist_ok=True)
+            if resume_step is not None:
+                drop_rows_after(os.path.join(workdir, "metrics.jsonl"), resume_step)
             self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tb"))
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
 
@@ -52,3 +59,31 @@ class MetricWriter:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+def drop_rows_after(path: str, step: int) -> int:
+    """Rewrites the JSON-lines file ``path`` without its rows whose "step" is > ``step``; returns how many went.
+
+    Atomic (a temporary file renamed over the old one); a torn last line (a kill mid-write) is dropped too.
+    """
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                dropped += 1
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and row["step"] > step:
+                dropped += 1
+                continue
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+        log.info("metrics.jsonl: dropped %d row(s) after step %d (written again by this run)", dropped, step)
+    return dropped

@@ -62,6 +62,38 @@ def test_batch_not_divisible_by_devices(tmp_path):
         config_lib.validate(c, num_devices=8)
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("train.batch_size", 0, "batch_size=0 must be a positive number"),
+    ("train.batch_size", -8, "batch_size=-8 must be a positive number"),
+    ("train.log_every_steps", 0, "log_every_steps=0 must be at least 1"),
+    ("train.keep_ckpts", 0, "keep_ckpts=0 must be at least 1"),
+])
+def test_nonpositive_counts(tmp_path, field, value, message):
+    c = _valid_demo(tmp_path)
+    section, name = field.split(".")
+    c[section][name] = value
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(c, num_devices=1)
+
+
+def test_no_positive_total_steps_or_epochs(tmp_path):
+    c = _valid_demo(tmp_path)
+    c.train.total_steps, c.train.epochs = 0, 0
+    with pytest.raises(config_lib.ConfigError, match="set one of them to a positive number"):
+        config_lib.validate(c, num_devices=1)
+    c.train.epochs = 2
+    config_lib.validate(c, num_devices=1)
+
+
+def test_resume_config_changes_lists_run_changing_fields_only():
+    old = {"seed": 0, "train": {"total_steps": 10, "log_every_steps": 5, "batch_size": 8},
+           "mesh": {"data": 1, "fsdp": 1}, "method": {"name": "mgca", "temp": 0.1}}
+    new = {"seed": 0, "train": {"total_steps": 20, "log_every_steps": 1, "batch_size": 8},
+           "mesh": {"data": 4, "fsdp": 2}, "method": {"name": "mgca", "temp": 0.2, "extra": 1}}
+    assert config_lib.resume_config_changes(old, new) == ["method.extra", "method.temp", "train.total_steps"]
+    assert config_lib.resume_config_changes(old, old) == []
+
+
 def test_missing_tokenizer_and_checkpoint_dirs(tmp_path):
     c = _valid_demo(tmp_path)
     c.data.tokenizer_dir = str(tmp_path / "no_tok")

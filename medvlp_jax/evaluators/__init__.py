@@ -76,7 +76,7 @@ def results_name(name: str, untrained: bool) -> str:
 
 
 def run_suite(eval_cfg: ml_collections.ConfigDict, workdir: str, untrained: bool = False,
-              run: Optional[Any] = None) -> dict[str, dict[str, Any]]:
+              run: Optional[Any] = None, step: Optional[int] = None) -> dict[str, dict[str, Any]]:
     """Runs ``eval_cfg.evaluators`` on the checkpoint in ``workdir``; writes eval/<name>.json + eval/results.md.
 
     Args:
@@ -85,6 +85,7 @@ def run_suite(eval_cfg: ml_collections.ConfigDict, workdir: str, untrained: bool
         untrained: evaluate the same architecture at initialisation (baseline); results go to
             ``eval/<name>_untrained.json``.
         run: an already loaded ``Run`` (tests, notebooks); loaded from ``workdir`` when None.
+        step: the checkpoint step to evaluate (None: the newest that restores).
 
     Returns:
         {evaluator name: its results dict}.
@@ -98,12 +99,15 @@ def run_suite(eval_cfg: ml_collections.ConfigDict, workdir: str, untrained: bool
         EVALUATORS.get(name)  # fail on a typo before the (slow) checkpoint restore
         if name not in eval_cfg:
             raise KeyError(f"eval config has no sub-config for evaluator {name!r}")
-    if run is None:
-        run = common.load_run(workdir, untrained=untrained)
     out_dir = os.path.join(workdir, "eval")
     is_main = jax.process_index() == 0
-    if is_main:
-        os.makedirs(out_dir, exist_ok=True)
+    if is_main:                  # before the (slow) restore and evaluation: results are never computed in vain
+        from medvlp_jax.config_lib import check_output_dir
+        if not os.path.isdir(workdir):
+            raise FileNotFoundError(f"--checkpoint={workdir} is not a directory; pass a pretraining --workdir")
+        check_output_dir(out_dir, "the results directory <--checkpoint>/eval")
+    if run is None:
+        run = common.load_run(workdir, untrained=untrained, step=step)
     all_results: dict[str, dict[str, Any]] = {}
     for name in names:
         t0 = time.time()

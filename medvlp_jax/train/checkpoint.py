@@ -12,10 +12,19 @@ however be listed by orbax as the latest step. ``Checkpointer`` therefore inspec
 opens it: such a step is renamed to ``<step>.incomplete-<unix time>`` (kept for inspection, invisible to
 orbax) and the previous complete step is used; both cases are logged. In a multi-process run process 0 does
 this while the others wait at a barrier; every process then writes its own shards of each save.
+
+Corrupt checkpoints (a truncated or missing array file, garbled metadata: bit rot, a disk that filled up):
+``restore_latest`` tries the steps newest first. A step that does not restore is named in one warning line
+(step, file, reason) and, once an older step restored, renamed to ``<step>.corrupt-<unix time>`` (kept for
+inspection; the run saves that step again when it gets there). When no step restores, nothing is moved and
+``CheckpointError`` says so in one line. ``restore_params`` (evaluation) falls back the same way without moving
+anything; an explicitly requested step that does not restore is an error.
 """
 from __future__ import annotations
 
 import dataclasses
+import glob
+import json
 import os
 import re
 import time
@@ -24,6 +33,7 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from medvlp_jax.config_lib import ConfigError
 from medvlp_jax.logging_lib import log
 from medvlp_jax.train.state import TrainState
 
@@ -62,6 +72,90 @@ def set_aside_incomplete(directory: str) -> dict[str, list[str]]:
             os.rename(path, new)
             found["incomplete"].append(new)
     return found
+
+
+class CheckpointError(ConfigError):
+    """No checkpoint (or not the requested one) restores; the message is one line naming step, file, reason."""
+
+
+_TS_FILE = re.compile(r'local file "([^"]+)"')
+_TS_CODE = re.compile(r"\b(OUT_OF_RANGE|NOT_FOUND|DATA_LOSS|INVALID_ARGUMENT|FAILED_PRECONDITION|PERMISSION_DENIED)\b")
+_TS_REASON = {"OUT_OF_RANGE": "shorter than its index says (truncated)", "NOT_FOUND": "missing",
+              "DATA_LOSS": "corrupt (cannot be decoded)", "PERMISSION_DENIED": "not readable"}
+
+
+def diagnose(step_dir: str, error: BaseException) -> tuple[str, str]:
+    """(the file of ``step_dir`` that failed, why), for a restore that raised ``error``.
+
+    tensorstore names the file it failed on (``local file "..."``, the last one is the innermost); orbax's JSON
+    files raise a bare JSONDecodeError, so each JSON file of the step is read to find the garbled one.
+    """
+    text = str(error)
+    files = _TS_FILE.findall(text)
+    code = _TS_CODE.search(text)
+    if files:
+        path = files[-1]
+        reason = _TS_REASON.get(code.group(1), code.group(1)) if code else text.splitlines()[0][:160]
+        if code and code.group(1) == "NOT_FOUND" and os.path.exists(path):
+            reason = "an entry it indexes is missing"
+        return path, reason
+    if isinstance(error, json.JSONDecodeError):
+        for path in sorted(glob.glob(os.path.join(step_dir, "**", "*"), recursive=True)):
+            if not os.path.isfile(path) or os.path.basename(path) == COMMIT_FILE or "/d/" in path \
+                    or path.endswith(".ocdbt"):
+                continue
+            try:
+                with open(path) as f:
+                    json.load(f)
+            except (ValueError, UnicodeDecodeError) as e:
+                return path, f"not valid JSON ({str(e).splitlines()[0][:80]})"
+            except OSError:
+                continue
+        return step_dir, f"not valid JSON ({error})"
+    if isinstance(error, FileNotFoundError):
+        path = error.filename or next(iter(re.findall(r"File (\S+) not found", text)), step_dir)
+        return str(path), "missing"
+    return step_dir, f"{type(error).__name__}: {text.splitlines()[0][:160] if text else ''}"
+
+
+def _closed_loop(exc) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _ignore_late_read_callbacks() -> None:
+    """Silences the "Event loop is closed" noise a failed restore leaves behind.
+
+    When a restore fails midway, tensorstore completes the reads still in flight after orbax has closed the
+    asyncio loop that awaited them; their callbacks raise RuntimeError("Event loop is closed"), which Python
+    prints with a traceback (as an ignored or an uncaught exception, from whichever thread ran the callback)
+    around our one-line message. Only that exception is dropped; every other one reaches the previous hook.
+    Installed once, before the first restore.
+    """
+    import sys
+    import threading
+    if getattr(sys.unraisablehook, "_medvlp_ignores_closed_loop", False):
+        return
+    previous_unraisable, previous_except, previous_thread = sys.unraisablehook, sys.excepthook, threading.excepthook
+
+    def unraisable_hook(unraisable):
+        if not _closed_loop(unraisable.exc_value):
+            previous_unraisable(unraisable)
+
+    def except_hook(exc_type, exc, tb):
+        if not _closed_loop(exc):
+            previous_except(exc_type, exc, tb)
+
+    def thread_hook(args):
+        if not _closed_loop(args.exc_value):
+            previous_thread(args)
+    unraisable_hook._medvlp_ignores_closed_loop = True
+    sys.unraisablehook, sys.excepthook, threading.excepthook = unraisable_hook, except_hook, thread_hook
+
+
+def has_checkpoints(workdir: str) -> bool:
+    """True when ``<workdir>/checkpoints`` holds a step directory (complete or not); cheap, no orbax."""
+    directory = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
 def _sync(name: str) -> None:
@@ -110,11 +204,51 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: TrainState, shardings: TrainState):
         """Restores ``step`` with every array laid out by ``shardings`` (any mesh, any device count)."""
+        _ignore_late_read_callbacks()
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               _to_tree(abstract_state), _to_tree(shardings))
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                       data=ocp.args.JsonRestore()))
         return _from_tree(restored["state"]), dict(restored["data"])
+
+    def restore_latest(self, abstract_state: TrainState, shardings: TrainState, *, set_aside: bool = True,
+                       advice: str = "move the checkpoints directory away to start afresh, or use another "
+                                     "--workdir"):
+        """(state, data position, step) of the newest step that restores, or None without checkpoints.
+
+        Steps that fail are logged (one warning line each: step, file, reason) and, with ``set_aside``, renamed
+        to ``<step>.corrupt-<time>`` once an older step restored. Raises CheckpointError when none restores.
+        """
+        failed: list[tuple[int, str, str]] = []
+        for step in sorted(self.manager.all_steps() or [], reverse=True):
+            try:
+                state, data = self.restore(step, abstract_state, shardings)
+            except Exception as e:                       # tensorstore ValueError, JSONDecodeError, OSError...
+                file, reason = diagnose(os.path.join(self.directory, str(step)), e)
+                failed.append((step, file, reason))
+                log.warning("checkpoint step %d does not restore: %s is %s; trying the previous step", step,
+                            file, reason)
+                continue
+            if failed and set_aside:
+                self._set_aside_corrupt([f[0] for f in failed], step)
+            return state, data, step
+        if failed:
+            step, file, reason = failed[0]
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} restores (newest: step {step}, {file} is {reason}; "
+                f"{len(failed)} tried); {advice}")
+        return None
+
+    def _set_aside_corrupt(self, steps: list[int], using: int) -> None:
+        if jax.process_index() == 0:
+            for step in steps:
+                path = os.path.join(self.directory, str(step))
+                new = f"{path}.corrupt-{int(time.time())}"
+                os.rename(path, new)
+                log.warning("moved the unreadable checkpoint step %d to %s; resuming from step %d", step, new,
+                            using)
+        _sync("medvlp_checkpoint_set_aside")
+        self.manager.reload()
 
     def wait(self):
         self.manager.wait_until_finished()
@@ -125,11 +259,31 @@ class Checkpointer:
 
 
 def restore_params(workdir: str, abstract_state: TrainState, shardings: TrainState, step: Optional[int] = None):
-    """Params (and model state) of a run's latest (or given) checkpoint, for evaluation."""
+    """(state, step) of a run's newest checkpoint that restores (nothing is moved), or of ``step`` exactly.
+
+    Raises CheckpointError when no checkpoint restores, or when the requested ``step`` is absent or does not.
+    """
     ckpt = Checkpointer(workdir, every_steps=0, keep=1000)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint under {ckpt.directory}")
-    state, data = ckpt.restore(step, abstract_state, shardings)
-    ckpt.close()
-    return state, step
+    try:
+        if step is None:
+            found = ckpt.restore_latest(abstract_state, shardings, set_aside=False,
+                                        advice="evaluate another run, or --untrained for the initial weights")
+            if found is None:
+                raise CheckpointError(f"no checkpoint under {ckpt.directory}; pretrain first "
+                                      f"(python launch/pretrain.py --workdir={workdir} ...) or pass --untrained")
+            state, _, step = found
+            return state, step
+        available = sorted(ckpt.manager.all_steps() or [])
+        if step not in available:
+            raise CheckpointError(f"--step={step}: no checkpoint of that step in {ckpt.directory} "
+                                  f"(available: {available or 'none'})")
+        try:
+            state, _ = ckpt.restore(step, abstract_state, shardings)
+        except Exception as e:
+            file, reason = diagnose(os.path.join(ckpt.directory, str(step)), e)
+            raise CheckpointError(f"checkpoint step {step} does not restore: {file} is {reason}; evaluate another "
+                                  f"step (available: {available}) or leave --step out for the newest that "
+                                  f"restores") from None
+        return state, step
+    finally:
+        ckpt.close()

@@ -1,4 +1,4 @@
-"""Fault handling for the host loop: preemption (SIGTERM) and non-finite steps.
+"""Fault handling for the host loop: preemption (SIGTERM, Ctrl-C) and non-finite steps.
 
     preemption = faults.PreemptionWatch()                 # before the loop
     nonfinite = faults.NonfiniteMonitor(config.train.nonfinite, split=config.data.train_split)
@@ -33,24 +33,41 @@ import numpy as np
 
 
 class PreemptionWatch:
-    """``reached(step)`` is True (on every process at the same step) once SIGTERM arrived."""
+    """``reached(step)`` is True (on every process at the same step) once SIGTERM (or a first Ctrl-C) arrived.
+
+    Single process: SIGTERM and the first SIGINT (Ctrl-C) set the flag (``signal_name`` says which); the
+    first SIGINT also puts Python's default handler back, so a second Ctrl-C raises KeyboardInterrupt at once
+    (abort without saving). Several processes: SIGTERM through JAX's preemption sync manager (module
+    docstring); Ctrl-C keeps its default behaviour there.
+    """
 
     def __init__(self):
         self.flag = False
-        self._old = None
-        self._installed = False
+        self.signal_name: Optional[str] = None
+        self._old: dict[int, Any] = {}
         self._multi = jax.process_count() > 1
         if self._multi:
             return
-        try:
-            self._old = signal.getsignal(signal.SIGTERM)
-            signal.signal(signal.SIGTERM, self._on_sigterm)
-            self._installed = True
-        except ValueError:   # not the main thread (e.g. a notebook worker): preemption is not handled there
-            pass
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[signum] = signal.getsignal(signum)
+                signal.signal(signum, self._on_signal)
+            except ValueError:   # not the main thread (e.g. a notebook worker): not handled there
+                self._old.pop(signum, None)
 
-    def _on_sigterm(self, signum, frame):
+    def _on_signal(self, signum, frame):
+        if self.flag and signum == signal.SIGINT:        # the default handler was not put back (not main thread)
+            raise KeyboardInterrupt
         self.flag = True
+        self.signal_name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            import sys
+            print("\ninterrupt: saving a checkpoint after the current step, then exiting (Ctrl-C again aborts "
+                  "without saving)", file=sys.stderr, flush=True)
+            try:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+            except ValueError:
+                pass
 
     def reached(self, step: int) -> bool:
         """Must be called by every process at every step (multi-process: a cheap sync-point query)."""
@@ -60,12 +77,12 @@ class PreemptionWatch:
         return bool(multihost_utils.reached_preemption_sync_point(int(step)))
 
     def close(self) -> None:
-        if self._installed:
+        for signum, old in self._old.items():
             try:
-                signal.signal(signal.SIGTERM, self._old)
-            except ValueError:
+                signal.signal(signum, old)
+            except (ValueError, TypeError):
                 pass
-            self._installed = False
+        self._old = {}
 
 
 def _gather(x) -> np.ndarray:

@@ -18,7 +18,7 @@ from medvlp_jax.train import checkpoint as ckpt_lib, faults, optim, state as sta
 
 
 class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint was written."""
+    """SIGTERM or Ctrl-C arrived; a checkpoint was written. ``args``: (step, signal name)."""
 
 
 def total_steps_of(config, num_train: int) -> int:
@@ -29,9 +29,9 @@ def total_steps_of(config, num_train: int) -> int:
 
 def setup(config, workdir: str, *, devices=None) -> dict[str, Any]:
     """Everything a run needs before the loop: data info, mesh, model, objective, optimiser, state."""
-    prepare.ensure_demo_data(config)
     devices = list(devices if devices is not None else jax.devices())
-    config_lib.validate(config, num_devices=len(devices))
+    config_lib.validate(config, num_devices=len(devices))      # before any data is rendered or read
+    prepare.ensure_demo_data(config)
     info = schema.read_info(config.data.root)
     num_train = info["splits"][config.data.train_split]["num_examples"]
     spe = config_lib.steps_per_epoch(config, num_train)
@@ -89,32 +89,63 @@ def _count_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def run(config, workdir: str, *, stop_after_steps: int | None = None) -> dict[str, Any]:
+def check_resume_config(config, workdir: str, *, allow_change: bool = False) -> None:
+    """Stops a resume whose config changes the run (``config_lib.resume_config_changes``) with one line.
+
+    With ``allow_change`` the differing fields are logged and the workdir's old ``config.json`` is kept beside
+    the new one as ``config.before-<unix time>.json``. Call only when the workdir holds a checkpoint.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    changed = config_lib.resume_config_changes(old, json.loads(config.to_json_best_effort()))
+    if not changed:
+        return
+    shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+    if not allow_change:
+        raise config_lib.ConfigError(
+            f"--workdir={workdir} holds a run whose config.json differs in {shown}; resuming would change the "
+            f"run midway. Use the same config to resume, another --workdir for a new run, or "
+            f"--allow_config_change to resume with the new config deliberately")
+    log.warning("resuming %s with a changed config (--allow_config_change): %s; the old config is kept in %s",
+                workdir, shown, "config.before-*.json")
+    if jax.process_index() == 0:
+        os.replace(path, os.path.join(workdir, f"config.before-{int(time.time())}.json"))
+
+
+def run(config, workdir: str, *, stop_after_steps: int | None = None,
+        allow_config_change: bool = False) -> dict[str, Any]:
     """Trains (resuming from ``workdir`` if it holds checkpoints); returns the final metrics.
 
     stop_after_steps: stop early (as if killed) after this many steps of this invocation (tests).
+    allow_config_change: resume even though the config differs from the workdir's (``check_resume_config``).
     """
     logging_lib.setup_logging()
     is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
+    config_lib.check_output_dir(workdir, "--workdir")
+    if ckpt_lib.has_checkpoints(workdir):
+        check_resume_config(config, workdir, allow_change=allow_config_change)
     s = setup(config, workdir)
     mesh, total = s["mesh"], s["total_steps"]
+    ckpt = ckpt_lib.Checkpointer(workdir, every_steps=config.train.ckpt_every_steps, keep=config.train.keep_ckpts)
+    found = ckpt.restore_latest(s["abstract"], s["shardings"])
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=1))
-    ckpt = ckpt_lib.Checkpointer(workdir, every_steps=config.train.ckpt_every_steps, keep=config.train.keep_ckpts)
-    start = ckpt.latest_step()
-    if start is not None:
-        state, position = ckpt.restore(start, s["abstract"], s["shardings"])
+    if found is not None:
+        state, position, start = found
         log.info("resumed from %s at step %d (examples seen %s)", ckpt.directory, start,
                  position.get("examples_seen"))
         if position.get("seed") != config.seed:
-            raise ValueError(f"checkpoint in {workdir} was written with seed {position.get('seed')} but "
-                             f"config.seed={config.seed}; use a fresh --workdir or the same seed")
+            raise config_lib.ConfigError(
+                f"checkpoint in {workdir} was written with seed {position.get('seed')} but config.seed="
+                f"{config.seed}; use a fresh --workdir or the same seed")
     else:
+        start = 0
         state = jax.jit(s["init"], out_shardings=s["shardings"])(s["rng"])
         state = load_pretrained_towers(config, state, s["shardings"])
-        start = 0
     log.info("method=%s  params: encoders %.2fM, method %d  mesh %s  steps %d (%d/epoch)  global batch %d",
              config.method.name, _count_params(state.params["encoders"]) / 1e6, _count_params(state.params["method"]),
              dict(mesh.shape), total, s["steps_per_epoch"], config.train.batch_size)
@@ -130,8 +161,8 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None) -> dict[st
                                  prng_impl=config.train.get("prng_impl", "threefry2x32")),
         s["shardings"], sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh))
 
-    writer = logging_lib.MetricWriter(workdir, enabled=is_main)
-    preemption = faults.PreemptionWatch()      # SIGTERM -> save + exit at a step all processes agree on
+    writer = logging_lib.MetricWriter(workdir, enabled=is_main, resume_step=start)
+    preemption = faults.PreemptionWatch()      # SIGTERM/Ctrl-C -> save + exit at a step all processes agree on
     nonfinite = faults.NonfiniteMonitor(config.train.nonfinite, split=config.data.train_split)
 
     def position(step):
@@ -175,8 +206,9 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None) -> dict[st
             if preemption.reached(step):
                 ckpt.save(step, state, position(step), force=True)
                 ckpt.wait()
-                log.info("SIGTERM: saved a checkpoint at step %d; exiting", step)
-                raise Preempted(step)
+                name = preemption.signal_name or "SIGTERM"
+                log.info("%s: saved a checkpoint at step %d; exiting", name, step)
+                raise Preempted(step, name)
             if stop_after_steps is not None and step - start >= stop_after_steps:
                 ckpt.wait()
                 return {"stopped_at": step}

@@ -201,3 +201,198 @@ def test_nonfinite_stop_names_step_and_records_and_skip_counts(tmp_path, data_ro
     loop.run(_config(data_root, "skip", total), str(tmp_path / "skip"))
     logged = [json.loads(line) for line in open(tmp_path / "skip" / "metrics.jsonl")]
     assert logged[-1]["step"] == total and logged[-1]["train/nonfinite_steps"] == len(poisoned)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Corrupt checkpoints (in process): a truncated array file, garbled metadata, a missing file in the newest step.
+# The run resumes from the newest step that restores (one warning naming step, file and reason; the bad step is
+# set aside); evaluation falls back without moving anything; an explicit step that does not restore is an error.
+
+def _state_256(step: int, value: float) -> TrainState:
+    """Arrays large enough that orbax stores them in data files rather than inline in its index."""
+    rng = np.random.default_rng(step)
+    return TrainState(step=jnp.asarray(step, jnp.int32),
+                      params={"encoders": {"w": jnp.asarray(rng.normal(size=(128, 96)) + value, jnp.float32)},
+                              "method": {}},
+                      model_state={}, opt_state={"mu": jnp.asarray(rng.normal(size=(128, 96)), jnp.float32)},
+                      rng=jax.random.PRNGKey(0), ema_params=None, nonfinite_steps=jnp.zeros((), jnp.int32))
+
+
+def _largest(directory):
+    files = [p for p in glob.glob(os.path.join(directory, "**", "*"), recursive=True) if os.path.isfile(p)]
+    return max(files, key=os.path.getsize)
+
+
+def _truncate_array_file(step_dir):
+    path = _largest(os.path.join(step_dir, "state", "d"))
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    return path
+
+
+def _garble_metadata(step_dir):
+    path = os.path.join(step_dir, "state", "_METADATA")
+    with open(path, "w") as f:
+        f.write('{"tree_metadata": {garbled')
+    return path
+
+
+def _remove_array_file(step_dir):
+    path = _largest(os.path.join(step_dir, "state", "d"))
+    os.remove(path)
+    return path
+
+
+CORRUPTIONS = {"truncated array file": _truncate_array_file, "garbled _METADATA": _garble_metadata,
+               "missing array file": _remove_array_file}
+
+
+def _two_checkpoints(workdir):
+    ck = ckpt_lib.Checkpointer(str(workdir), every_steps=2, keep=5)
+    for step in (2, 4):
+        ck.save(step, _state_256(step, float(step)), {"step": step, "seed": 0, "examples_seen": 8 * step})
+    ck.close()
+    abstract = jax.eval_shape(lambda: _state_256(0, 0.0))
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return abstract, jax.tree.map(lambda _: one, abstract)
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_corrupt_newest_checkpoint_is_set_aside_and_the_previous_one_resumes(tmp_path, caplog, corruption):
+    abstract, shardings = _two_checkpoints(tmp_path)
+    d = tmp_path / "checkpoints"
+    bad_file = CORRUPTIONS[corruption](str(d / "4"))
+
+    # Evaluation: falls back to step 2 and moves nothing; asking for step 4 explicitly is an error naming it.
+    state, step = ckpt_lib.restore_params(str(tmp_path), abstract, shardings)
+    assert step == 2 and (d / "4").is_dir()
+    np.testing.assert_array_equal(np.asarray(state.params["encoders"]["w"]),
+                                  np.asarray(_state_256(2, 2.0).params["encoders"]["w"]))
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"checkpoint step 4 does not restore: .* is ") as e:
+        ckpt_lib.restore_params(str(tmp_path), abstract, shardings, step=4)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"--step=3: no checkpoint of that step .*\[2, 4\]"):
+        ckpt_lib.restore_params(str(tmp_path), abstract, shardings, step=3)
+
+    # Training: one warning naming step, file and reason; step 4 set aside; step 2 restored; step 4 saves again.
+    with caplog.at_level("WARNING", logger="medvlp_jax"):
+        ck = ckpt_lib.Checkpointer(str(tmp_path), every_steps=2, keep=5)
+        state, position, step = ck.restore_latest(abstract, shardings)
+    assert step == 2 and position["step"] == 2 and int(state.step) == 2
+    warning = next(m for m in caplog.messages if "does not restore" in m)
+    assert "step 4" in warning and os.path.basename(bad_file) in warning, (warning, bad_file)
+    assert any("moved the unreadable checkpoint step 4" in m for m in caplog.messages)
+    assert glob.glob(str(d / "4.corrupt-*")) and not (d / "4").exists()
+    assert ck.save(4, _state_256(4, 4.0), {"step": 4, "seed": 0, "examples_seen": 32})
+    ck.close()
+    assert ckpt_lib.Checkpointer(str(tmp_path), every_steps=2, keep=5).latest_step() == 4
+
+
+def test_no_restorable_checkpoint_is_one_error_line_and_nothing_is_moved(tmp_path):
+    abstract, shardings = _two_checkpoints(tmp_path)
+    d = tmp_path / "checkpoints"
+    _truncate_array_file(str(d / "4"))
+    _garble_metadata(str(d / "2"))
+    ck = ckpt_lib.Checkpointer(str(tmp_path), every_steps=2, keep=5)
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"no checkpoint in .* restores \(newest: step 4, .*2 tried") \
+            as e:
+        ck.restore_latest(abstract, shardings)
+    ck.close()
+    assert "\n" not in str(e.value)
+    assert (d / "4").is_dir() and (d / "2").is_dir() and not glob.glob(str(d / "*.corrupt-*"))
+    with pytest.raises(ckpt_lib.CheckpointError, match="no checkpoint in"):
+        ckpt_lib.restore_params(str(tmp_path), abstract, shardings)
+
+
+def test_diagnose_names_the_garbled_json_file(tmp_path):
+    abstract, _ = _two_checkpoints(tmp_path)
+    step_dir = str(tmp_path / "checkpoints" / "4")
+    path = _garble_metadata(step_dir)
+    file, reason = ckpt_lib.diagnose(step_dir, json.JSONDecodeError("Expecting value", "x", 0))
+    assert file == path and reason.startswith("not valid JSON")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Ctrl-C (subprocess): the first one saves a checkpoint at the current step and exits promptly (130); the rerun
+# resumes there and metrics.jsonl holds no step twice.
+
+def test_ctrl_c_saves_a_checkpoint_exits_promptly_and_the_resume_writes_each_metric_row_once(tmp_path, data_root,
+                                                                                             env):
+    import time
+    work, total = tmp_path / "run", 200
+    cmd = _launch(work, data_root, total)
+    cmd[cmd.index("--config.train.log_every_steps=50")] = "--config.train.log_every_steps=1"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    logged = threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if "[3] " in line:                  # a few metric rows are written: the loop is running
+                logged.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert logged.wait(timeout=300), "".join(lines)[-3000:]
+    proc.send_signal(signal.SIGINT)
+    t0 = time.time()
+    assert proc.wait(timeout=120) == 130, "".join(lines)[-3000:]
+    exit_seconds = time.time() - t0
+    reader.join(timeout=10)
+    err = "".join(lines)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    steps = sorted(int(d) for d in os.listdir(work / "checkpoints") if d.isdigit())
+    assert len(steps) == 1 and 3 <= steps[0] < total, (steps, err[-2000:])
+    assert f"interrupted: checkpoint saved at step {steps[0]}" in err
+    assert exit_seconds < 30, f"{exit_seconds:.1f} s from Ctrl-C to exit"
+    rows = [json.loads(line)["step"] for line in open(work / "metrics.jsonl")]
+    assert rows[-1] >= steps[0]
+
+    # Rows past the checkpoint (none here, since the save is at the interrupted step) plus a fabricated one past
+    # it, as a kill between a log and a checkpoint leaves: the resumed run drops them and writes each step once.
+    with open(work / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": steps[0] + 1, "train/loss": -1.0}) + "\n")
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, total + 1))
+    assert all(r["train/loss"] != -1.0 for r in rows)
+
+
+def test_first_sigint_sets_the_flag_second_raises(monkeypatch):
+    from medvlp_jax.train import faults
+    watch = faults.PreemptionWatch()
+    try:
+        assert not watch.reached(1)
+        signal.raise_signal(signal.SIGINT)
+        assert watch.reached(2) and watch.signal_name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        watch.close()
+    assert signal.getsignal(signal.SIGINT) is not watch._on_signal
+
+
+def test_metrics_rows_after_the_resume_step_are_dropped(tmp_path):
+    from medvlp_jax import logging_lib
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "x": s}) + "\n" for s in (2, 4, 6)) + '{"step": 8, "x"')
+    assert logging_lib.drop_rows_after(str(path), 4) == 2
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 4]
+    assert logging_lib.drop_rows_after(str(path), 4) == 0
+
+
+def test_allowed_config_change_keeps_the_old_config(tmp_path, caplog):
+    from medvlp_jax.train import loop
+    c = helpers.load_config("convirt", "test")
+    (tmp_path / "config.json").write_text(c.to_json_best_effort(indent=1))
+    loop.check_resume_config(c, str(tmp_path))                            # same config: nothing to say
+    c.train.total_steps = 99
+    with pytest.raises(config_lib.ConfigError, match="differs in train.total_steps"):
+        loop.check_resume_config(c, str(tmp_path))
+    with caplog.at_level("WARNING", logger="medvlp_jax"):
+        loop.check_resume_config(c, str(tmp_path), allow_change=True)
+    assert any("train.total_steps" in m and "--allow_config_change" in m for m in caplog.messages)
+    kept = glob.glob(str(tmp_path / "config.before-*.json"))
+    assert len(kept) == 1 and json.load(open(kept[0]))["train"]["total_steps"] == 6

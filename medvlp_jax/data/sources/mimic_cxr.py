@@ -161,7 +161,8 @@ def prepare_mimic_cxr(source_dir: str, out_dir: str, *, image_size: int = 256, n
     reports_dir = reports_dir or source_dir
     if not os.path.isdir(os.path.join(reports_dir, "files")):
         raise FileNotFoundError(f"no report tree at {os.path.join(reports_dir, 'files')!r}; unpack "
-                                "mimic-cxr-reports.zip there or pass reports_dir")
+                                "mimic-cxr-reports.zip there, or pass its directory (the one holding files/) as "
+                                "--reports (reports_dir)")
     ids = {"dicom_id": str, "subject_id": str, "study_id": str}
     split = _read_csv(os.path.join(source_dir, SPLIT_FILE), dtype=ids)
     meta = _read_csv(os.path.join(source_dir, METADATA_FILE), dtype=ids)
