@@ -3,6 +3,8 @@
   python benchmarks/compare_torch.py --config=configs/mgca.py --config.train.batch_size=8 \
       --config.optim.clip_norm=0 --steps=3 --warmup=1 --alternations=3
   python benchmarks/compare_torch.py --config=configs/mgca.py:test --steps=2 --warmup=1 --alternations=1
+  python benchmarks/compare_torch.py --config=configs/mgca.py --config.train.batch_size=8 \
+      --config.optim.clip_norm=0 --jax_variant='no barrier:model.fusion_barrier=off'      # before/after
 
 The PyTorch row is OUR OWN STAND-IN for the authors' code, not their code (``benchmarks/torch_mgca.py``):
 transformers' PyTorch ``ViTModel`` and ``BertModel`` with the config's sizes and dropouts, MGCA's heads, a
@@ -30,6 +32,9 @@ _STEPS = flags.DEFINE_integer("steps", 3, "timed steps per side per alternation"
 _WARMUP = flags.DEFINE_integer("warmup", 1, "untimed steps per side before the first alternation")
 _ALTERNATIONS = flags.DEFINE_integer("alternations", 3, "rounds of (JAX steps, PyTorch steps)")
 _THREADS = flags.DEFINE_integer("threads", None, "PyTorch intra-op threads (default: os.cpu_count())")
+_VARIANTS = flags.DEFINE_multi_string("jax_variant", [], "another JAX row timed in the same alternations: "
+                                      "'<label>:<field>=<value>[,<field>=<value>]' applied to a copy of --config, "
+                                      "e.g. 'no barrier:model.fusion_barrier=off' (before/after side by side)")
 _OUT = flags.DEFINE_string("out", None, "JSON output (default runs/benchmarks/compare_torch_<method>_<variant>.json)")
 flags.mark_flags_as_required(["config"])
 
@@ -48,8 +53,49 @@ def _timed(fn, n: int) -> tuple[list[float], list[float]]:
     return wall, cpu
 
 
-def compare(config, *, steps: int, warmup: int, alternations: int, threads: int | None, log=print) -> dict:
-    """Builds both steps, warms them up and times them alternately; returns the JSON-serialisable result."""
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """'<label>:<field>=<value>,...' -> (label, {dotted field: value string})."""
+    label, sep, rest = text.partition(":")
+    if not sep or not label or not rest:
+        raise ValueError(f"--jax_variant={text!r}: use '<label>:<field>=<value>[,<field>=<value>]'")
+    fields = {}
+    for part in rest.split(","):
+        key, eq, value = part.partition("=")
+        if not eq:
+            raise ValueError(f"--jax_variant={text!r}: {part!r} is not <field>=<value>")
+        fields[key.strip()] = value.strip()
+    return label, fields
+
+
+def apply_variant(config, fields: dict[str, str]):
+    """A copy of ``config`` with each dotted field set to its value, parsed with the field's current type."""
+    import ast
+    from medvlp_jax.config_lib import ConfigError
+    config = config.copy_and_resolve_references()
+    for key, value in fields.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise ConfigError(f"--jax_variant: the config has no field {key!r}")
+        old = node[leaf]
+        if isinstance(old, str) or old is None:
+            node[leaf] = value
+        elif isinstance(old, bool):
+            node[leaf] = value.lower() in ("1", "true", "yes", "on")
+        else:
+            node[leaf] = type(old)(ast.literal_eval(value))
+    return config
+
+
+def compare(config, *, steps: int, warmup: int, alternations: int, threads: int | None, log=print,
+            variants: tuple[str, ...] = ()) -> dict:
+    """Builds the steps, warms them up and times them alternately; returns the JSON-serialisable result.
+
+    ``variants`` ('<label>:<field>=<value>,...') add JAX rows built from copies of ``config``, timed in every
+    alternation right after the main JAX row.
+    """
     import dataclasses
     import statistics
     import time
@@ -65,22 +111,31 @@ def compare(config, *, steps: int, warmup: int, alternations: int, threads: int 
     torch.manual_seed(config.seed)
     host_batch = benchmark_lib.synthetic_batch(config, config.train.batch_size)
 
-    # JAX: the launcher's step, one device.
+    # JAX: the launcher's step, one device (and one per variant).
     devices = jax.devices()[:1]
-    state, step, mesh = benchmark_lib.build_step(config, devices)
-    state = dataclasses.replace(state, step=jax.device_put(np.asarray(10**6, np.asarray(state.step).dtype),
-                                                           state.step.sharding))
-    batch = sharding_lib.to_global(host_batch, mesh)
-    t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
-    log(f"JAX step compiled in {compile_s:.1f} s")
-    jax_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    box = {"state": state}
 
-    def jax_step():
-        box["state"], metrics = compiled(box["state"], batch)
-        jax.block_until_ready(metrics)
+    def build_jax(cfg, label):
+        state, step, mesh = benchmark_lib.build_step(cfg, devices)
+        state = dataclasses.replace(state, step=jax.device_put(np.asarray(10**6, np.asarray(state.step).dtype),
+                                                               state.step.sharding))
+        batch = sharding_lib.to_global(host_batch, mesh)
+        t0 = time.perf_counter()
+        compiled = step.lower(state, batch).compile()
+        seconds = time.perf_counter() - t0
+        log(f"JAX step ({label}) compiled in {seconds:.1f} s")
+        box = {"state": state}
+
+        def run():
+            box["state"], metrics = compiled(box["state"], batch)
+            jax.block_until_ready(metrics)
+        return run, seconds, sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+
+    jax_step, compile_s, jax_params = build_jax(config, "config")
+    extra = []
+    for text in variants:
+        label, fields = parse_variant(text)
+        run, seconds, _ = build_jax(apply_variant(config, fields), label)
+        extra.append({"label": label, "fields": fields, "run": run, "compile_s": seconds})
 
     # PyTorch: the stand-in.
     model = torch_mgca.TorchMgca(config)
@@ -92,19 +147,31 @@ def compare(config, *, steps: int, warmup: int, alternations: int, threads: int 
         torch_mgca.train_step(model, opt, tbatch)
 
     _timed(jax_step, warmup)
+    for v in extra:
+        _timed(v["run"], warmup)
     _timed(torch_step, warmup)
     rounds = []
     for i in range(alternations):
         load = os.getloadavg()[0]
         jw, jc = _timed(jax_step, steps)
+        round_ = {"jax_s": jw, "jax_cpu_s": jc}
+        for k, v in enumerate(extra):
+            round_[f"variant{k}_s"], round_[f"variant{k}_cpu_s"] = _timed(v["run"], steps)
         tw, tc = _timed(torch_step, steps)
-        rounds.append({"jax_s": jw, "jax_cpu_s": jc, "torch_s": tw, "torch_cpu_s": tc,
-                       "load_average_before": load, "load_average_after": os.getloadavg()[0]})
-        log(f"round {i + 1}/{alternations}: JAX {statistics.median(jw):.3f} s, PyTorch {statistics.median(tw):.3f} s "
-            f"(load {load:.1f})")
+        round_.update({"torch_s": tw, "torch_cpu_s": tc, "load_average_before": load,
+                       "load_average_after": os.getloadavg()[0]})
+        rounds.append(round_)
+        shown = "".join(f", {v['label']} {statistics.median(round_[f'variant{k}_s']):.3f} s"
+                        for k, v in enumerate(extra))
+        log(f"round {i + 1}/{alternations}: JAX {statistics.median(jw):.3f} s{shown}, PyTorch "
+            f"{statistics.median(tw):.3f} s (load {load:.1f})")
     med = lambda key: statistics.median([x for r in rounds for x in r[key]])
     jax_s, torch_s = med("jax_s"), med("torch_s")
+    variant_rows = [{"label": v["label"], "fields": v["fields"], "step_s": med(f"variant{k}_s"),
+                     "cpu_s": med(f"variant{k}_cpu_s"), "compile_s": v["compile_s"],
+                     "ratio_over_torch": med(f"variant{k}_s") / torch_s} for k, v in enumerate(extra)]
     return {
+        "variants": variant_rows,
         "config": {"method": config.method.name, "variant": config.get("variant", ""),
                    "batch_size": int(config.train.batch_size), "image": int(config.data.crop),
                    "text_len": int(config.data.max_text_len), "dtype": config.model.dtype,
@@ -132,11 +199,17 @@ def markdown(r: dict) -> str:
              f"{images(r['jax']['step_s']):.2f} | {r['jax']['cpu_s']:.2f} | {r['jax']['params']:,} |",
              f"| PyTorch stand-in (torch {r['torch']['version']}, {r['torch']['threads']} threads; NOT the authors' "
              f"code) | {r['torch']['step_s']:.3f} | {images(r['torch']['step_s']):.2f} | {r['torch']['cpu_s']:.2f} | "
-             f"{r['torch']['params']:,} |", "",
+             f"{r['torch']['params']:,} |"]
+    for v in r.get("variants", []):
+        lines.insert(-1, f"| medvlp_jax, {v['label']} ({', '.join(f'{k}={x}' for k, x in v['fields'].items())}) | "
+                         f"{v['step_s']:.3f} | {images(v['step_s']):.2f} | {v['cpu_s']:.2f} | "
+                         f"{r['jax']['params']:,} |")
+    lines += ["",
              f"Ratio JAX / PyTorch: **{r['ratio_jax_over_torch']:.2f}** (< 1: JAX faster). "
              f"JAX compile {r['jax']['compile_s']:.0f} s. Host load "
              f"{r['rounds'][0]['load_average_before']:.1f} -> {r['rounds'][-1]['load_average_after']:.1f} "
              f"({r['cpu_count']} CPUs)."]
+    lines += [f"Ratio JAX ({v['label']}) / PyTorch: {v['ratio_over_torch']:.2f}." for v in r.get("variants", [])]
     return "\n".join(lines) + "\n"
 
 
@@ -148,7 +221,7 @@ def main(argv):
     def body():
         config = _CONFIG.value
         result = compare(config, steps=_STEPS.value, warmup=_WARMUP.value, alternations=_ALTERNATIONS.value,
-                         threads=_THREADS.value)
+                         threads=_THREADS.value, variants=tuple(_VARIANTS.value))
         result["argv"] = sys.argv[1:]
         print(markdown(result))
         out = _OUT.value or os.path.join("runs", "benchmarks",

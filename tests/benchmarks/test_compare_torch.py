@@ -70,7 +70,8 @@ def test_compare_torch_cli_smoke(tmp_path):
     out = tmp_path / "cmp.json"
     cmd = [sys.executable, os.path.join(helpers.ROOT, "benchmarks", "compare_torch.py"),
            f"--config={os.path.join(helpers.ROOT, 'configs', 'mgca.py')}:test", "--config.optim.clip_norm=0",
-           "--steps=2", "--warmup=1", "--alternations=2", "--threads=1", f"--out={out}"]
+           "--steps=2", "--warmup=1", "--alternations=2", "--threads=1", f"--out={out}",
+           "--jax_variant=no barrier:model.fusion_barrier=off,train.prng_impl=rbg"]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -83,3 +84,20 @@ def test_compare_torch_cli_smoke(tmp_path):
     assert r["ratio_jax_over_torch"] == pytest.approx(np.median(all_jax) / np.median(all_torch))
     assert "not the authors' code" in r["torch"]["what"] and "NOT the authors' code" in proc.stdout
     assert r["torch"]["threads"] == 1 and r["config"]["clip_norm"] == 0
+    (v,) = r["variants"]                             # the before/after row, timed in the same alternations
+    assert v["label"] == "no barrier" and v["fields"] == {"model.fusion_barrier": "off", "train.prng_impl": "rbg"}
+    assert len(r["rounds"][0]["variant0_s"]) == 2
+    assert v["step_s"] == pytest.approx(float(np.median([s for x in r["rounds"] for s in x["variant0_s"]])))
+    assert "| medvlp_jax, no barrier (model.fusion_barrier=off, train.prng_impl=rbg) |" in proc.stdout
+
+
+def test_jax_variant_parsing_and_types():
+    from benchmarks import compare_torch
+    label, fields = compare_torch.parse_variant("b:model.fusion_barrier=off,train.batch_size=4,model.remat=True")
+    config = compare_torch.apply_variant(helpers.load_config("mgca", "test"), fields)
+    assert label == "b" and config.model.fusion_barrier == "off" and config.train.batch_size == 4
+    assert config.model.remat is True
+    with pytest.raises(ValueError, match="label"):
+        compare_torch.parse_variant("no_colon")
+    with pytest.raises(ValueError, match="no field"):
+        compare_torch.apply_variant(helpers.load_config("mgca", "test"), {"model.nope": "1"})
