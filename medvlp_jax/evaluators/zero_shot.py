@@ -235,13 +235,14 @@ def gloria_scores(run, config, emb: dict[str, np.ndarray], prompts: dict[str, li
     texts = [p for ps in prompts.values() for p in ps]
     prompt_class = np.concatenate([np.full(len(ps), j) for j, ps in enumerate(prompts.values())])
     t = encode_prompts(run, config, texts)
-    mode = run.config.method.get("report_vector", "mean_all_slots") if run.config.method.get("name") == "gloria" \
-        else "cls"
+    is_gloria = run.config.method.get("name") == "gloria"
+    mode = run.config.method.get("report_vector", "mean_all_slots") if is_gloria else "cls"
+    attention = run.config.method.get("attention", "words_then_regions") if is_gloria else "words_then_regions"
     g_txt = np.asarray(gloria.report_vector(jnp.asarray(t["word_emb"]), jnp.asarray(t["slot_mask"]),
                                             jnp.asarray(t["txt_emb"]), mode))
     score = jax.jit(lambda img, patch: gloria.gloria_zero_shot_scores(
         img, patch, g_txt, t["word_emb"], t["word_mask"], prompt_class, len(prompts), text_chunk=8,
-        normalize=False))
+        normalize=False, attention=attention))
     n = emb["img_emb"].shape[0]
     out = []
     for i in range(0, n, image_chunk):

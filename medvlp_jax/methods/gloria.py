@@ -28,6 +28,7 @@ Config (``config.method``), defaults = the authors' arithmetic:
       over the words, is AttnGAN's) | "regions" (the paper: beta_{t,r} = softmax_r(temp1 * <v_{j,r}, e_{i,t}>),
       one softmax over the regions). The first softmax bounds a_{t,r} to [0, 1], so temp1 * a spans at most
       4 nats: each word's map over the regions stays nearly flat (docs/demo_results.md has both on the demo).
+      Used in the loss, the maps and GLoRIA's zero-shot scores (``gloria_zero_shot_scores``).
   local_weight, global_weight: 1.0, 1.0.
   local_agg: "sum" (log-sum-exp over words, the authors' default) | "mean" (log-mean-exp, their option).
   count_unk_words [quirk]: False (authors: the local term uses the first n_i = (#words whose string does
@@ -304,7 +305,7 @@ def gloria_loss(out: EncoderOutputs, valid: Array, cfg: GloriaConfig,
 def gloria_zero_shot_scores(img_emb: Array, patch_emb: Array, prompt_emb: Array, prompt_word_emb: Array,
                             prompt_word_set: Array, prompt_class: Array, num_classes: int, *,
                             temp1: float = 4.0, temp2: float = 5.0, text_chunk: Optional[int] = None,
-                            normalize: bool = True) -> Array:
+                            normalize: bool = True, attention: str = "words_then_regions") -> Array:
     """GLoRIA zero-shot class scores (methods.md 3.4, ``gloria.zero_shot_classification``).
 
     For image j and prompt i: local = max_t temp2 * cos(e_{i,t}, c_t) (the attention as in training, with
@@ -324,11 +325,13 @@ def gloria_zero_shot_scores(img_emb: Array, patch_emb: Array, prompt_emb: Array,
       num_classes: C (static).
       temp1, temp2: 4.0 and 5.0 (hard-coded by the authors). text_chunk: prompts per chunk.
       normalize: z-normalise each class column over the images.
+      attention: the run's ``method.attention`` ("words_then_regions", the authors' two softmaxes, or
+        "regions"), so a model is scored with the attention it was trained with.
     Returns:
       [n, C] scores.
     """
     local = local_similarity(prompt_word_emb, prompt_word_set, patch_emb, temp1=temp1, temp2=temp2,
-                             agg="max", text_chunk=text_chunk)              # [n, m]
+                             agg="max", text_chunk=text_chunk, attention=attention)   # [n, m]
     glob = cosine_matrix(img_emb, prompt_emb)                               # [n, m]
     sim = (local + glob) / 2.0
     member = jnp.asarray(prompt_class)[:, None] == jnp.arange(num_classes)[None, :]   # [m, C]

@@ -281,7 +281,8 @@ def test_zero_shot_scores_match_reference():
     prompts = random_outputs(9, b=4, n_words=(2, 3, 1, 4))
     prompt_class = np.array([0, 1, 0, 2])
     prompt_emb = gloria.report_vector(prompts.word_emb, prompts.slot_mask, prompts.txt_emb, "mean_all_slots")
-    scores = jax.jit(gloria.gloria_zero_shot_scores, static_argnames=("num_classes", "text_chunk", "normalize"))
+    scores = jax.jit(gloria.gloria_zero_shot_scores,
+                     static_argnames=("num_classes", "text_chunk", "normalize", "attention"))
     got = scores(imgs.img_emb, imgs.patch_emb, prompt_emb, prompts.word_emb, prompts.word_mask,
                  jnp.asarray(prompt_class), num_classes=3, text_chunk=3)
     f = lambda x: np.asarray(x, np.float64)
@@ -295,6 +296,41 @@ def test_zero_shot_scores_match_reference():
     raw = scores(imgs.img_emb, imgs.patch_emb, prompt_emb, prompts.word_emb, prompts.word_mask,
                  jnp.asarray(prompt_class), num_classes=3, text_chunk=3, normalize=False)
     np.testing.assert_allclose(raw, cls_scores, rtol=1e-5, atol=1e-6)
+    # method.attention="regions" (the paper's single softmax) is scored with that attention too.
+    regions = scores(imgs.img_emb, imgs.patch_emb, prompt_emb, prompts.word_emb, prompts.word_mask,
+                     jnp.asarray(prompt_class), num_classes=3, text_chunk=3, normalize=False, attention="regions")
+    local_r = np_local_R(f(prompts.word_emb), f(imgs.patch_emb), (2, 3, 1, 4), 4.0, 5.0, cls=False, agg="max",
+                         regions=True)
+    sim_r = (local_r + glob) / 2
+    want_r = np.stack([sim_r[:, prompt_class == c].max(axis=1) for c in range(3)], axis=1)
+    np.testing.assert_allclose(regions, want_r, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(want_r, cls_scores, rtol=1e-3)
+
+
+def test_zero_shot_evaluator_scores_with_the_runs_attention(monkeypatch):
+    """evaluators.zero_shot.gloria_scores passes the run's method.attention (GLoRIA runs only) to the scores."""
+    import types
+
+    from medvlp_jax.evaluators import zero_shot
+    seen = []
+    real = gloria.gloria_zero_shot_scores
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("attention"))
+        return real(*args, **kwargs)
+    prompts = random_outputs(9, b=2, n_words=(2, 3))
+    imgs = random_outputs(8, b=3, n_words=(2, 2, 2))
+    encoded = {"word_emb": np.asarray(prompts.word_emb), "slot_mask": np.asarray(prompts.slot_mask),
+               "txt_emb": np.asarray(prompts.txt_emb), "word_mask": np.asarray(prompts.word_mask)}
+    monkeypatch.setattr(zero_shot, "encode_prompts", lambda run, config, texts: encoded)
+    monkeypatch.setattr(gloria, "gloria_zero_shot_scores", spy)
+    emb = {"img_emb": np.asarray(imgs.img_emb), "patch_emb": np.asarray(imgs.patch_emb)}
+    for name, attention, expected in [("gloria", "regions", "regions"), ("gloria", None, "words_then_regions"),
+                                      ("mgca", "regions", "words_then_regions")]:
+        method = {"name": name} | ({"attention": attention} if attention else {})
+        run = types.SimpleNamespace(config=ml_collections.ConfigDict({"method": method}))
+        got = zero_shot.gloria_scores(run, None, emb, {"a": ["p0"], "b": ["p1"]}, image_chunk=4)
+        assert got.shape == (3, 2) and seen[-1] == expected
 
 
 # ---- [UNK] words (issue 13; methods.md 3.2 "Words used") ----------------------------------------------------
