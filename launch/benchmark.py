@@ -64,8 +64,12 @@ def main(argv):
 def _benchmark():
     import jax
     from medvlp_jax import benchmark_lib
+    from medvlp_jax.config_lib import check_output_file
     config = _CONFIG.value
     devices = jax.devices()
+    for flag, path in (("--out", _OUT.value), ("--markdown", _MARKDOWN.value)):   # before minutes of timing
+        if path:
+            check_output_file(path, flag)
     data_root = _DATA_ROOT.value
     if data_root is None and config.data.root and os.path.exists(os.path.join(config.data.root, "dataset_info.json")):
         data_root = config.data.root

@@ -254,3 +254,11 @@ def check_output_dir(path: str, flag: str) -> None:
     except OSError as e:
         raise ConfigError(f"{flag}={path} is not writable ({e.strerror or e}); pass a directory you can write to"
                           ) from None
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """Checks before any work that ``path`` can be written (its directory is created if needed); raises
+    ConfigError naming ``flag``. Nothing is written to ``path`` itself."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag}={path} is a directory; pass a file path")
+    check_output_dir(os.path.dirname(os.path.abspath(path)), f"the directory of {flag}={path}")

@@ -188,3 +188,12 @@ def test_evaluate_of_a_corrupt_checkpoint_is_one_line(tmp_path, data_root):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "does not restore" in lines[0] and lines[1].startswith("error: no checkpoint in"), lines
+
+
+def test_benchmark_checks_its_output_paths_before_timing(tmp_path):
+    (tmp_path / "file").write_text("x")
+    proc = _launch("benchmark.py", CONVIRT_TEST, f"--out={tmp_path / 'file' / 'result.json'}", "--scale=none")
+    _one_error_line(proc, "--out=", "is a file")
+    proc = _launch("benchmark.py", CONVIRT_TEST, f"--out={tmp_path}", "--scale=none")
+    _one_error_line(proc, f"--out={tmp_path} is a directory")
+    assert (tmp_path / "file").read_text() == "x"

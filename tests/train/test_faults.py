@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +67,9 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_past_half_written_ones
     reader.start()
     assert compiled.wait(timeout=300), "".join(lines)[-3000:]
     proc.send_signal(signal.SIGTERM)            # the handler is installed before compiling: the loop is running
+    t0 = time.time()
     assert proc.wait(timeout=120) == 0, "".join(lines)[-3000:]
+    assert time.time() - t0 < 30, f"{time.time() - t0:.1f} s from SIGTERM to exit"
     reader.join(timeout=10)
     err = "".join(lines)
     steps = sorted(int(d) for d in os.listdir(work / "checkpoints") if d.isdigit())
@@ -318,7 +321,6 @@ def test_diagnose_names_the_garbled_json_file(tmp_path):
 
 def test_ctrl_c_saves_a_checkpoint_exits_promptly_and_the_resume_writes_each_metric_row_once(tmp_path, data_root,
                                                                                              env):
-    import time
     work, total = tmp_path / "run", 200
     cmd = _launch(work, data_root, total)
     cmd[cmd.index("--config.train.log_every_steps=50")] = "--config.train.log_every_steps=1"
