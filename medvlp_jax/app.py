@@ -214,9 +214,7 @@ def run_main(fn: Callable[[], object], *, jax_launcher: bool = True, input_error
     env.quiet_startup()                      # before anything imports TF or asks JAX for devices
     if jax_launcher:
         env.setup_compilation_cache()        # before the first compilation: a rerun loads the compiled step
-    from medvlp_jax.config_lib import ConfigError
-    from medvlp_jax.data.pipeline import BadRecordError
-    from medvlp_jax.train.loop import Preempted
+    from medvlp_jax.errors import BadRecordError, ConfigError, Preempted
     try:
         if jax_launcher:
             initialize_distributed()

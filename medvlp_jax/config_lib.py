@@ -27,8 +27,7 @@ PREPARE_COMMANDS = {
 }
 
 
-class ConfigError(ValueError):
-    """A config field is wrong; the message names the field and the fix (one line)."""
+from medvlp_jax.errors import ConfigError  # noqa: E402,F401  (re-exported; defined in the bottom layer)
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:

@@ -123,7 +123,7 @@ def test_evaluate_checks_its_results_directory_before_restoring(tmp_path, monkey
 def test_evaluate_of_a_missing_workdir_is_one_line(tmp_path):
     proc = _launch("evaluate.py", f"--config={os.path.join(helpers.ROOT, 'configs', 'eval', 'zero_shot.py')}",
                    f"--checkpoint={tmp_path / 'nope'}")
-    _one_error_line(proc, f"--checkpoint={tmp_path / 'nope'} is not a directory")
+    _one_error_line(proc, f"--checkpoint={tmp_path / 'nope'} is not a directory", "config.json")
     assert not (tmp_path / "nope").exists()
 
 

@@ -58,8 +58,7 @@ MAX_LOGGED_SKIPS = 10
 log = logging.getLogger("medvlp_jax")
 
 
-class BadRecordError(ValueError):
-    """A record of a shard file cannot be used; the message names the file, the record and the problem."""
+from medvlp_jax.errors import BadRecordError  # noqa: E402,F401  (re-exported; defined in the bottom layer)
 
 
 def _tf():

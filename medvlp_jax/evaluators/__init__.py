@@ -104,7 +104,8 @@ def run_suite(eval_cfg: ml_collections.ConfigDict, workdir: str, untrained: bool
     if is_main:                  # before the (slow) restore and evaluation: results are never computed in vain
         from medvlp_jax.config_lib import check_output_dir
         if not os.path.isdir(workdir):
-            raise FileNotFoundError(f"--checkpoint={workdir} is not a directory; pass a pretraining --workdir")
+            raise FileNotFoundError(f"--checkpoint={workdir} is not a directory; pass the --workdir of a pretraining "
+                                    f"run (the directory holding its config.json and checkpoints/)")
         check_output_dir(out_dir, "the results directory <--checkpoint>/eval")
     if run is None:
         run = common.load_run(workdir, untrained=untrained, step=step)

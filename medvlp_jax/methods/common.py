@@ -9,14 +9,7 @@ import jax.numpy as jnp
 NEG_INF = -1e9  # finite "minus infinity": exp() underflows to 0 and gradients stay NaN-free
 
 
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-    """x / max(||x||, eps) along ``axis``, with a finite gradient at x = 0.
-
-    Written as x * rsqrt(max(||x||^2, eps^2)): the same value, but a zero vector (a padding word's empty
-    group, say) gets gradient x / eps instead of sqrt's infinite derivative times zero = NaN.
-    """
-    sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sq, jnp.asarray(eps, sq.dtype) ** 2))
+from medvlp_jax.numerics import l2_normalize  # noqa: E402,F401  (re-exported: objectives use common.l2_normalize)
 
 
 def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:

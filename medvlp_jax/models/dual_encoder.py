@@ -70,7 +70,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medvlp_jax.methods import common as methods_common
+from medvlp_jax import numerics
 from medvlp_jax.models import fusion_barrier
 from medvlp_jax.models.bert import Bert
 from medvlp_jax.models.heads import HEAD_KINDS, ProjectionHead
@@ -184,7 +184,7 @@ def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
     As x * rsqrt(max(||x||^2, eps^2)): same values, and a finite gradient at x = 0 (an empty word slot), where
     the derivative of the norm is 0/0 and would turn even a zero cotangent into NaN.
     """
-    return methods_common.l2_normalize(x.astype(jnp.float32), axis=-1, eps=eps)
+    return numerics.l2_normalize(x.astype(jnp.float32), axis=-1, eps=eps)
 
 
 def token_word_ids(attention_mask: Array) -> Array:

@@ -33,7 +33,6 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from medvlp_jax.config_lib import ConfigError
 from medvlp_jax.logging_lib import log
 from medvlp_jax.train.state import TrainState
 
@@ -74,8 +73,7 @@ def set_aside_incomplete(directory: str) -> dict[str, list[str]]:
     return found
 
 
-class CheckpointError(ConfigError):
-    """No checkpoint (or not the requested one) restores; the message is one line naming step, file, reason."""
+from medvlp_jax.errors import CheckpointError  # noqa: E402,F401  (re-exported; defined in the bottom layer)
 
 
 _TS_FILE = re.compile(r'local file "([^"]+)"')

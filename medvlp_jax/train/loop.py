@@ -17,8 +17,7 @@ from medvlp_jax.models.dual_encoder import build_model
 from medvlp_jax.train import checkpoint as ckpt_lib, faults, optim, state as state_lib, step as step_lib
 
 
-class Preempted(Exception):
-    """SIGTERM or Ctrl-C arrived; a checkpoint was written. ``args``: (step, signal name)."""
+from medvlp_jax.errors import Preempted  # noqa: E402,F401  (re-exported; defined in the bottom layer)
 
 
 def total_steps_of(config, num_train: int) -> int:
