@@ -17,6 +17,8 @@ from typing import Any
 
 import ml_collections
 
+from medvlp_jax.errors import ConfigError  # noqa: F401  (re-exported; defined in the bottom layer)
+
 VARIANTS = ("paper", "demo", "test")
 
 
@@ -25,9 +27,6 @@ PREPARE_COMMANDS = {
                  "--out=data/mimic_cxr",
     "demo_iu": "python launch/prepare_data.py demo --out=data/demo_iu",
 }
-
-
-from medvlp_jax.errors import ConfigError  # noqa: E402,F401  (re-exported; defined in the bottom layer)
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:

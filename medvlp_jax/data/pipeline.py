@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from medvlp_jax.data import schema, tokenizer as tokenizer_lib
+from medvlp_jax.errors import BadRecordError  # noqa: F401  (re-exported; defined in the bottom layer)
 
 AUTOTUNE = -1
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -56,9 +57,6 @@ ALLOWED_CHANNELS = (1, 3)          # the schema: grayscale or RGB
 MAX_LOGGED_SKIPS = 10
 
 log = logging.getLogger("medvlp_jax")
-
-
-from medvlp_jax.errors import BadRecordError  # noqa: E402,F401  (re-exported; defined in the bottom layer)
 
 
 def _tf():

@@ -6,10 +6,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from medvlp_jax.numerics import l2_normalize  # noqa: F401  (re-exported: objectives use common.l2_normalize)
+
 NEG_INF = -1e9  # finite "minus infinity": exp() underflows to 0 and gradients stay NaN-free
-
-
-from medvlp_jax.numerics import l2_normalize  # noqa: E402,F401  (re-exported: objectives use common.l2_normalize)
 
 
 def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:

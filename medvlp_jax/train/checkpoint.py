@@ -33,6 +33,7 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from medvlp_jax.errors import CheckpointError  # defined in the bottom layer; re-exported from here
 from medvlp_jax.logging_lib import log
 from medvlp_jax.train.state import TrainState
 
@@ -71,9 +72,6 @@ def set_aside_incomplete(directory: str) -> dict[str, list[str]]:
             os.rename(path, new)
             found["incomplete"].append(new)
     return found
-
-
-from medvlp_jax.errors import CheckpointError  # noqa: E402,F401  (re-exported; defined in the bottom layer)
 
 
 _TS_FILE = re.compile(r'local file "([^"]+)"')

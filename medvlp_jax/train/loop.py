@@ -11,13 +11,11 @@ import numpy as np
 
 from medvlp_jax import config_lib, logging_lib, sharding as sharding_lib
 from medvlp_jax.data import pipeline, prepare, schema, tokenizer as tokenizer_lib
+from medvlp_jax.errors import Preempted  # noqa: F401  (re-exported; defined in the bottom layer)
 from medvlp_jax.logging_lib import log
 from medvlp_jax.methods import make_objective
 from medvlp_jax.models.dual_encoder import build_model
 from medvlp_jax.train import checkpoint as ckpt_lib, faults, optim, state as state_lib, step as step_lib
-
-
-from medvlp_jax.errors import Preempted  # noqa: E402,F401  (re-exported; defined in the bottom layer)
 
 
 def total_steps_of(config, num_train: int) -> int:
