@@ -148,6 +148,17 @@ def _ignore_late_read_callbacks() -> None:
     sys.unraisablehook, sys.excepthook, threading.excepthook = unraisable_hook, except_hook, thread_hook
 
 
+def _ignore_abandoned_reads() -> None:
+    """Silences "coroutine '...' was never awaited" after a restore failed midway.
+
+    The failed read leaves orbax/tensorstore coroutines that were created but never awaited (e.g.
+    ``Store._get_array_metadatas``); Python warns about each when it collects them, often at interpreter exit,
+    after our one-line message. Installed only once a restore has failed, so such warnings elsewhere still show.
+    """
+    import warnings
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
+
+
 def has_checkpoints(workdir: str) -> bool:
     """True when ``<workdir>/checkpoints`` holds a step directory (complete or not); cheap, no orbax."""
     directory = os.path.join(workdir, "checkpoints")
@@ -203,8 +214,12 @@ class Checkpointer:
         _ignore_late_read_callbacks()
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               _to_tree(abstract_state), _to_tree(shardings))
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                                      data=ocp.args.JsonRestore()))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        except Exception:
+            _ignore_abandoned_reads()
+            raise
         return _from_tree(restored["state"]), dict(restored["data"])
 
     def restore_latest(self, abstract_state: TrainState, shardings: TrainState, *, set_aside: bool = True,
