@@ -113,16 +113,43 @@ def import_tensorflow_quietly():
     return tf
 
 
+class _QuietTensorFlowImport:
+    """A ``sys.meta_path`` finder that runs the first ``import tensorflow`` (wherever it happens) inside
+    ``filtered_stderr(TF_IMPORT_NOISE)``, then removes itself.
+
+    TF costs ~5 s to import; launchers that stop on a configuration error before reading data never pay it.
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        self.remove()
+        import importlib.util
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "") == "0":
+            return spec
+        real_exec = spec.loader.exec_module
+
+        def exec_module(module):
+            with filtered_stderr(TF_IMPORT_NOISE):
+                real_exec(module)
+        spec.loader.exec_module = exec_module
+        return spec
+
+    def remove(self) -> None:
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+
+
 def quiet_startup(*, import_tensorflow: bool = True) -> None:
     """What every launcher (and notebook) calls first: TF's C++ logging at warnings, no backend-probe lines,
-    and (``import_tensorflow``) TensorFlow imported without its banner. Variables the user set are kept."""
+    and (``import_tensorflow``) TensorFlow's banner filtered out of its first import, whenever that happens
+    (a launcher that stops on a bad flag or config never imports it). Variables the user set are kept."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     quiet_backend_probe()
-    if import_tensorflow:
-        try:
-            import_tensorflow_quietly()
-        except ImportError:          # TF is only needed by the data pipeline; its own import will say so
-            pass
+    if import_tensorflow and "tensorflow" not in sys.modules and not any(
+            isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietTensorFlowImport())
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -106,8 +106,24 @@ def test_env_cli_json_and_expect():
     assert bad.stderr.startswith("error: expected a tpu backend, JAX runs on cpu") and bad.stderr.count("\n") == 1
 
 
+def test_tensorflow_imported_after_quiet_startup_prints_no_banner():
+    """quiet_startup defers TF's import (a bad flag or config never pays its ~5 s) but filters its banner out of
+    the first import wherever it happens, here the data pipeline's, after JAX's first device query; a plain
+    import in the same environment prints the banner, so the filter is what hides it."""
+    code = ("from medvlp_jax import env; env.quiet_startup(); import sys; assert 'tensorflow' not in sys.modules; "
+            "import jax; jax.devices(); from medvlp_jax.data import pipeline; tf = pipeline._tf(); "
+            "assert tf.constant(1).numpy() == 1")
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_clean_env(), cwd=ROOT,
+                           timeout=300)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    plain = subprocess.run([sys.executable, "-c", "import tensorflow"], capture_output=True, text=True,
+                           env=_clean_env(), cwd=ROOT, timeout=300)
+    if not any(p.search(line) for line in plain.stderr.splitlines() for p in env.TF_IMPORT_NOISE):
+        pytest.skip("this TensorFlow build prints no import banner")
+
+
 def test_launcher_stderr_has_no_backend_or_tensorflow_noise(tmp_path):
-    """pretrain.py up to its config check (past TF's import and JAX's first device query): one error line only.
+    """pretrain.py up to its config check (past JAX's first device query): one error line only.
 
     The same command with JAX's and TF's logs asked for shows the backend line, so it is real on this machine
     (and TF's banner where this TF build prints one).
