@@ -24,7 +24,7 @@ CHECKPOINT_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
 
 def resolve_source(source: str) -> str:
     """The checkpoint file: ``source`` itself, or the single checkpoint file in the directory ``source``."""
-    from medvlp_jax.models.released import CheckpointImportError
+    from medvlp_jax.released import CheckpointImportError
     if os.path.isfile(source):
         return source
     if os.path.isdir(source):
@@ -37,7 +37,7 @@ def resolve_source(source: str) -> str:
 
 
 def main(argv=None) -> None:
-    from medvlp_jax.models import released
+    from medvlp_jax import released
     from medvlp_jax.app import ArgumentParser
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--format", required=True, choices=sorted(released.FORMATS),

@@ -30,8 +30,10 @@ def main(argv):
 
 
 def _train():
+    from medvlp_jax.evaluators import quick
     from medvlp_jax.train import loop
-    loop.run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    loop.run(_CONFIG.value, _WORKDIR.value, end_of_run_eval=quick.evaluate_state,
+             allow_config_change=_ALLOW_CONFIG_CHANGE.value)
 
 
 if __name__ == "__main__":

@@ -175,26 +175,11 @@ def _build(config, devices: Sequence[jax.Device], materialize: bool = True) -> d
     """build_step's pieces: model, objective, state, jitted step, mesh (``materialize=False``: the state as
     ShapeDtypeStructs carrying their shardings, enough to lower and compile the step)."""
     from medvlp_jax import sharding as sharding_lib
-    from medvlp_jax.methods import make_objective
-    from medvlp_jax.models.dual_encoder import build_model
-    from medvlp_jax.train import optim, state as state_lib, step as step_lib
-    mesh = sharding_lib.make_mesh(config.mesh, devices)
-    model = build_model(config.model)
-    objective = make_objective(config.method, steps_per_epoch=1000)
-    tx, schedule = optim.make_optimizer(config.optim, 10_000)
-    init = state_lib.make_init_fn(config, model, objective, tx, init_batch_size=mesh.size)
-    rng = jax.random.PRNGKey(config.seed)
-    shardings = state_lib.state_shardings(config, jax.eval_shape(init, rng), mesh)
-    if materialize:
-        state = jax.jit(init, out_shardings=shardings)(rng)
-    else:
-        state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                             jax.eval_shape(init, rng), shardings)
-    step = step_lib.jit_train_step(
-        step_lib.make_train_step(model, objective, tx, schedule, grad_accum_steps=config.optim.grad_accum_steps,
-                                 prng_impl=config.train.get("prng_impl", "threefry2x32")),
-        shardings, sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh))
-    return {"model": model, "objective": objective, "state": state, "step": step, "mesh": mesh}
+    from medvlp_jax.train.setup import build
+    setup = build(config, sharding_lib.make_mesh(config.mesh, devices), steps_per_epoch=1000, total_steps=10_000)
+    state = setup.init_state() if materialize else setup.abstract_sharded()
+    return {"model": setup.model, "objective": setup.objective, "state": state, "step": setup.jit_train_step(),
+            "mesh": setup.mesh, "setup": setup}
 
 
 def unrolled_config(config):

@@ -87,3 +87,17 @@ def drop_rows_after(path: str, step: int) -> int:
         os.replace(tmp, path)
         log.info("metrics.jsonl: dropped %d row(s) after step %d (written again by this run)", dropped, step)
     return dropped
+
+
+def read_metrics(workdir: str, *, missing_ok: bool = False) -> list[dict[str, Any]]:
+    """The rows of ``<workdir>/metrics.jsonl`` in order (one dict per logged step).
+
+    missing_ok: an absent file gives [] instead of FileNotFoundError.
+    """
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        if missing_ok:
+            return []
+        raise FileNotFoundError(f"{path} does not exist (is {workdir!r} a pretraining workdir?)")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

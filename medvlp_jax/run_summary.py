@@ -15,6 +15,8 @@ import os
 import statistics
 from typing import Any, Optional
 
+from medvlp_jax import logging_lib
+
 # (column title, key in the row dict, format)
 COLUMNS = (
     ("method", "method", "{}"),
@@ -28,15 +30,6 @@ COLUMNS = (
     ("s/step (bench)", "bench_s_per_step", "{:.3f}"),
     ("GFLOP/step", "gflop_per_step", "{:.1f}"),
 )
-
-
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """The rows of ``<workdir>/metrics.jsonl`` in order (empty if absent)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _read_json(path: str) -> Optional[dict[str, Any]]:
@@ -60,7 +53,7 @@ def summarize(workdir: str, benchmark_json: Optional[str] = None) -> dict[str, A
     s_per_step (median over log intervals after the first, which holds the compilation), bench_s_per_step,
     gflop_per_step.
     """
-    rows = [r for r in read_metrics(workdir) if "train/loss" in r]
+    rows = [r for r in logging_lib.read_metrics(workdir, missing_ok=True) if "train/loss" in r]
     out: dict[str, Any] = {"workdir": workdir, "method": method_name(workdir)}
     out["steps"] = int(rows[-1]["step"]) if rows else None
     out["loss_first"] = rows[0]["train/loss"] if rows else None

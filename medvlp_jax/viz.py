@@ -1,8 +1,10 @@
 """Pictures: word-to-region heatmaps over radiographs, and training curves.
 
     fig = heatmap_overlay(image, sim_map, box=(0.2, 0.1, 0.5, 0.4), title="left pleural effusion")
-    paths = save_heatmaps(run, "test", "runs/x/eval/heatmaps", n=8)   # one PNG per report, a panel per phrase
     fig = plot_training_curves("runs/x")                             # from <workdir>/metrics.jsonl
+
+Drawing only: nothing here knows a model or an evaluator. The heatmaps of a trained run (maps computed as
+the grounding evaluator does) are ``evaluators.grounding.save_heatmaps(run, "test", n=8)``.
 
 Figures are ``matplotlib.figure.Figure`` objects built without pyplot (no GUI backend, no global figure
 state): ``fig.savefig(path)`` writes them and Jupyter displays them. Boxes are (ymin, xmin, ymax, xmax)
@@ -10,13 +12,14 @@ fractions of the image, as in the data schema.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import textwrap
 from typing import Any, Optional, Sequence
 
 import numpy as np
+
+from medvlp_jax import logging_lib
 
 BOX_COLOR = "#00ff66"
 
@@ -163,50 +166,6 @@ def phrase_figure(image: np.ndarray, panels: Sequence[tuple[str, np.ndarray, Any
     return fig
 
 
-def save_heatmaps(run, split: str = "test", out_dir: Optional[str] = None, n: int = 8, *, mode: str = "auto",
-                  batch_size: int = 0) -> list[str]:
-    """PNGs of word-to-region heatmaps for the first ``n`` reports of ``split`` that name localised findings.
-
-    Each PNG shows the image and one panel per finding phrase (the phrase's map, its box drawn, the map's
-    maximum marked); the report is the title. Maps as the grounding evaluator computes them (``mode``:
-    'auto' = the method's word-to-patch maps when it has them, else phrase-patch cosine).
-
-    Args:
-        run: a loaded Run (``evaluators.common.load_run``); its own data and preprocessing are used.
-        split: split name.
-        out_dir: where the PNGs go (default ``<workdir>/eval/heatmaps``).
-        n: number of reports.
-        mode: 'auto', 'objective' or 'cosine'.
-        batch_size: rows per forward call (0: the run's).
-
-    Returns:
-        the PNG paths.
-    """
-    import ml_collections
-    from medvlp_jax.evaluators import default_data, eval_config
-    from medvlp_jax.evaluators import grounding
-    from medvlp_jax.evaluators.segmentation import read_localized_split
-    config = eval_config(run, ml_collections.ConfigDict(dict(data=default_data(), batch_size=batch_size)))
-    data = read_localized_split(config, split)
-    examples = [i for i in range(len(data)) if any(p.strip() for p in data.phrases[i])][:n]
-    queries = grounding.phrase_queries(data, examples)
-    if not queries:
-        return []
-    grids = grounding.phrase_maps(run, data.images[[q.example for q in queries]], [q.phrase for q in queries],
-                                  mode=mode, batch_size=batch_size)
-    maps, _ = grounding.upsample_to_crop(run, grids, data.size)
-    return grounding.write_heatmaps(data, queries, maps, out_dir or os.path.join(run.workdir, "eval", "heatmaps"), n)
-
-
-def read_metrics(workdir: str) -> list[dict[str, float]]:
-    """The rows of ``<workdir>/metrics.jsonl`` (one dict per logged step)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist (is {workdir!r} a pretraining workdir?)")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 _DEFAULT_PANELS = (
     ("loss", lambda k: k == "train/loss" or k.startswith("loss/")),
     ("accuracy (in-batch)", lambda k: k.startswith("acc/")),
@@ -227,7 +186,7 @@ def plot_training_curves(workdir: str, keys: Optional[Sequence[str]] = None):
         the Figure.
     """
     from matplotlib.figure import Figure
-    rows = read_metrics(workdir)
+    rows = logging_lib.read_metrics(workdir)
     names = sorted({k for r in rows for k in r if k not in ("step", "time")})
     if keys is not None:
         missing = [k for k in keys if k not in names]

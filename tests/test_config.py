@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from medvlp_jax import config_lib
+from medvlp_jax.methods import OBJECTIVES
 from tests import helpers
 
 
@@ -27,7 +28,7 @@ def test_parse_arg_variants_and_overrides():
         config_lib.parse_arg("imag=vit", image="vit")
 
 
-@pytest.mark.parametrize("name", ["convirt", "gloria", "mgca", "sista", "aga", "plan"])
+@pytest.mark.parametrize("name", OBJECTIVES.names())
 def test_default_image_encoder_per_variant(name):
     """The demo trains the small ResNet, the test variant the test ViT, the paper setup its paper's encoder."""
     assert helpers.load_config(name, "demo").model.image.name == "resnet50"

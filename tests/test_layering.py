@@ -1,14 +1,14 @@
 """Imports run downward: each module of medvlp_jax may import only modules of a lower layer (or of its own package).
 
 Read from the source with ``ast`` (module-level and function-level imports alike, nothing is executed). The
-layers, bottom up (issue 12 describes the target; KNOWN_UPWARD lists what is left):
+layers, bottom up (issue 12 describes the target):
 
   0  types, registry, errors, numerics, metrics, logging_lib, env        (numerics, types, errors, metrics)
-  1  data, methods, sharding                                             (components that know no model)
+  1  data, methods, sharding, viz                                        (components that know no model)
   2  models
   3  config_lib
   4  train
-  5  evaluators, viz
+  5  evaluators, released                                               (released: checkpoint import)
   6  inference, benchmark_lib, run_summary
   7  app                                                                 (launch/ sits above it)
 """
@@ -19,25 +19,15 @@ from tests import helpers
 
 LAYERS = {
     0: ("types", "registry", "errors", "numerics", "metrics", "logging_lib", "env"),
-    1: ("data", "methods", "sharding"),
+    1: ("data", "methods", "sharding", "viz"),
     2: ("models",),
     3: ("config_lib",),
     4: ("train",),
-    5: ("evaluators", "viz"),
+    5: ("evaluators", "released"),
     6: ("inference", "benchmark_lib", "run_summary"),
     7: ("app",),
 }
 RANK = {part: rank for rank, parts in LAYERS.items() for part in parts}
-
-# Imports that still run upward or sideways (issue 12 is open): (importing module, imported part). The test fails
-# on any other such import, and on an entry here that no longer occurs (remove it when you fix one).
-KNOWN_UPWARD = {
-    ("medvlp_jax.models.released.workdir", "train"),        # writing an imported workdir needs TrainState
-    ("medvlp_jax.train.loop", "evaluators"),                # end-of-run evaluation (quick.evaluate_state)
-    ("medvlp_jax.evaluators.grounding", "viz"),             # evaluators <-> viz
-    ("medvlp_jax.viz", "evaluators"),                       # viz.save_heatmaps reads a localized split
-}
-
 
 def _part(module: str) -> str:
     """'medvlp_jax.train.loop' -> 'train'; 'medvlp_jax' -> '' (the package's __init__)."""
@@ -94,10 +84,7 @@ def test_imports_run_downward():
             continue
         if RANK[dst] >= RANK[src]:
             upward.add((module, dst))
-    new = sorted(upward - KNOWN_UPWARD)
-    fixed = sorted(KNOWN_UPWARD - upward)
-    assert not new, f"imports that run upward or sideways (importer, imported part): {new}"
-    assert not fixed, f"no longer upward: remove from KNOWN_UPWARD: {fixed}"
+    assert not upward, f"imports that run upward or sideways (importer, imported part): {sorted(upward)}"
 
 
 def test_the_ast_walk_sees_function_level_and_relative_imports(tmp_path):
@@ -106,3 +93,15 @@ def test_the_ast_walk_sees_function_level_and_relative_imports(tmp_path):
                     "    import medvlp_jax.metrics\n")
     got = _imports(str(path), "medvlp_jax.evaluators.m")
     assert {"medvlp_jax.evaluators", "medvlp_jax.train", "medvlp_jax.viz", "medvlp_jax.metrics"} <= got
+
+
+def test_the_architecture_map_lists_these_layers():
+    """docs/architecture.md's table names the same parts per layer as LAYERS."""
+    import re
+    table = {}
+    for line in open(os.path.join(helpers.ROOT, "docs", "architecture.md")):
+        m = re.match(r"\|\s*(\d+)\s*\|([^|]*)\|", line)
+        if m:
+            names = re.findall(r"`([^`]+)`", m.group(2))
+            table[int(m.group(1))] = tuple(sorted(n.strip("/").removesuffix(".py") for n in names))
+    assert table == {rank: tuple(sorted(parts)) for rank, parts in LAYERS.items()}

@@ -98,7 +98,7 @@ def test_colab_tpu_runs_small(tmp_path, monkeypatch):
     workdir = tmp_path / "tpu_run"
     nb = _execute(_read("colab_tpu.ipynb"), tmp_path, monkeypatch, MEDVLP_NB_WORKDIR=str(workdir))
     assert "backend              cpu" in _text(_cell(nb, "env.report()"))
-    assert "mesh data=4 x fsdp=2 over 8" in _text(_cell(nb, "loop.run(config, WORKDIR)"))
+    assert "mesh data=4 x fsdp=2 over 8" in _text(_cell(nb, "loop.run(config, WORKDIR, end_of_run_eval="))
     sharding = _text(_cell(nb, "biggest.sharding.spec"))
     assert "fsdp" in sharding and "on 8 devices" in sharding
     assert (workdir / "metrics.jsonl").exists() and (workdir / "config.json").exists()

@@ -53,15 +53,15 @@ def load_run(workdir: str, *, untrained: bool = False, step: Optional[int] = Non
             node = node[p]
         node[leaf] = value
     config.param_sharding = [tuple(r) for r in config.param_sharding]
-    s = loop.setup(config, workdir, devices=devices)
+    s = loop.setup(config, devices=devices)
     if untrained:
-        state = jax.jit(s["init"], out_shardings=s["shardings"])(s["rng"])
+        state = s.init_state()
         got = None
     else:
-        state, got = ckpt_lib.restore_params(workdir, s["abstract"], s["shardings"], step)
+        state, got = ckpt_lib.restore_params(workdir, s.abstract, s.shardings, step)
     variables = {"params": state.params["encoders"], **state.model_state}
-    return Run(config=config, workdir=workdir, step=got, model=s["model"], variables=variables,
-               method_params=state.params["method"], objective=s["objective"], mesh=s["mesh"],
+    return Run(config=config, workdir=workdir, step=got, model=s.model, variables=variables,
+               method_params=state.params["method"], objective=s.objective, mesh=s.mesh,
                tokenizer=tokenizer_lib.load_tokenizer(config.data.tokenizer_dir), state=state,
                untrained=untrained)
 

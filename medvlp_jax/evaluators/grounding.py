@@ -48,7 +48,7 @@ import numpy as np
 
 from medvlp_jax import metrics, sharding as sharding_lib, viz
 from medvlp_jax.data import tokenizer as tokenizer_lib
-from medvlp_jax.evaluators import EVALUATORS, data_info, eval_config
+from medvlp_jax.evaluators import EVALUATORS, data_info, default_data, eval_config
 from medvlp_jax.evaluators.segmentation import LocalizedSplit, batched_apply, read_localized_split
 
 MAP_MODES = ("auto", "objective", "cosine")
@@ -300,3 +300,34 @@ def evaluate(run, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
         paths = write_heatmaps(split, queries, maps, out_dir, n)
         res["protocol/heatmaps"] = f"{len(paths)} PNG in {out_dir}"
     return res
+
+
+def save_heatmaps(run, split: str = "test", out_dir: Optional[str] = None, n: int = 8, *, mode: str = "auto",
+                  batch_size: int = 0) -> list[str]:
+    """PNGs of word-to-region heatmaps for the first ``n`` reports of ``split`` that name localised findings.
+
+    Each PNG shows the image and one panel per finding phrase (the phrase's map, its box drawn, the map's
+    maximum marked); the report is the title. Maps as the grounding evaluator computes them (``mode``:
+    'auto' = the method's word-to-patch maps when it has them, else phrase-patch cosine).
+
+    Args:
+        run: a loaded Run (``evaluators.common.load_run``); its own data and preprocessing are used.
+        split: split name.
+        out_dir: where the PNGs go (default ``<workdir>/eval/heatmaps``).
+        n: number of reports.
+        mode: 'auto', 'objective' or 'cosine'.
+        batch_size: rows per forward call (0: the run's).
+
+    Returns:
+        the PNG paths.
+    """
+    config = eval_config(run, ml_collections.ConfigDict(dict(data=default_data(), batch_size=batch_size)))
+    data = read_localized_split(config, split)
+    examples = [i for i in range(len(data)) if any(p.strip() for p in data.phrases[i])][:n]
+    queries = phrase_queries(data, examples)
+    if not queries:
+        return []
+    grids = phrase_maps(run, data.images[[q.example for q in queries]], [q.phrase for q in queries],
+                        mode=mode, batch_size=batch_size)
+    maps, _ = upsample_to_crop(run, grids, data.size)
+    return write_heatmaps(data, queries, maps, out_dir or os.path.join(run.workdir, "eval", "heatmaps"), n)

@@ -85,9 +85,12 @@ def evaluate_embeddings(emb: dict[str, Any], class_emb: np.ndarray, class_names:
     return res
 
 
-def evaluate_state(config, setup: dict[str, Any], state, tokenizer) -> dict[str, float]:
-    """Runs the quick evaluation of a TrainState on ``config.data.eval_split``."""
-    model, mesh = setup["model"], setup["mesh"]
+def evaluate_state(config, setup, state, tokenizer) -> dict[str, float]:
+    """Runs the quick evaluation of a TrainState on ``config.data.eval_split``.
+
+    setup: the run's ``train.setup.Setup`` (or a loaded ``common.Run``): its ``model`` and ``mesh`` are used.
+    """
+    model, mesh = setup.model, setup.mesh
     variables = embed.variables_of(state)
     emb = embed.embed_split(config, model, variables, mesh, tokenizer, config.data.eval_split)
     class_names = list(emb["class_names"])
@@ -109,6 +112,6 @@ def evaluate(run, cfg) -> dict[str, Any]:
     if cfg.get("split", ""):
         config = config.copy_and_resolve_references()
         config.data.eval_split = cfg.split
-    res: dict[str, Any] = evaluate_state(config, {"model": run.model, "mesh": run.mesh}, run.state, run.tokenizer)
+    res: dict[str, Any] = evaluate_state(config, run, run.state, run.tokenizer)
     res["protocol/split"] = config.data.eval_split
     return res

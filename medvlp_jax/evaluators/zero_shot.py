@@ -18,7 +18,9 @@ Protocols (``cfg.mode`` / ``cfg.task``):
 
 ``cfg.scoring="gloria"`` replaces the global cosine by GLoRIA's zero-shot score (methods.md 3.4): per prompt
 (local + global) / 2 with the local term max over the prompt's words, the class score the max over its
-prompts (not the ensemble). It needs a model whose patch and word embeddings share a space (GLoRIA).
+prompts (not the ensemble). It needs a model whose patch and word embeddings share a space (GLoRIA). The run's
+objective supplies the score (``Objective.zero_shot_scores``: GLoRIA's with its own settings); for a method
+without one, GLoRIA's score with its default settings on the [CLS] report vector.
 """
 from __future__ import annotations
 
@@ -27,7 +29,6 @@ import random
 from typing import Any, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -230,19 +231,17 @@ def encode_prompts(run, config, texts: list[str]) -> dict[str, np.ndarray]:
 
 def gloria_scores(run, config, emb: dict[str, np.ndarray], prompts: dict[str, list[str]],
                   image_chunk: int = 32) -> np.ndarray:
-    """GLoRIA zero-shot class scores [n, c] before z-normalisation (methods.md 3.4)."""
+    """GLoRIA zero-shot class scores [n, c] before z-normalisation (methods.md 3.4).
+
+    With the run's own ``Objective.zero_shot_scores`` (GLoRIA: its report vector, attention and temperatures),
+    else GLoRIA's score with defaults on the [CLS] report vector.
+    """
     from medvlp_jax.methods import gloria
     texts = [p for ps in prompts.values() for p in ps]
     prompt_class = np.concatenate([np.full(len(ps), j) for j, ps in enumerate(prompts.values())])
     t = encode_prompts(run, config, texts)
-    is_gloria = run.config.method.get("name") == "gloria"
-    mode = run.config.method.get("report_vector", "mean_all_slots") if is_gloria else "cls"
-    attention = run.config.method.get("attention", "words_then_regions") if is_gloria else "words_then_regions"
-    g_txt = np.asarray(gloria.report_vector(jnp.asarray(t["word_emb"]), jnp.asarray(t["slot_mask"]),
-                                            jnp.asarray(t["txt_emb"]), mode))
-    score = jax.jit(lambda img, patch: gloria.gloria_zero_shot_scores(
-        img, patch, g_txt, t["word_emb"], t["word_mask"], prompt_class, len(prompts), text_chunk=8,
-        normalize=False, attention=attention))
+    scorer = run.objective.zero_shot_scores or gloria.zero_shot_scorer(report_vector_mode="cls")
+    score = jax.jit(lambda img, patch: scorer(img, patch, t, prompt_class, len(prompts)))
     n = emb["img_emb"].shape[0]
     out = []
     for i in range(0, n, image_chunk):

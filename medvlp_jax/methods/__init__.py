@@ -21,6 +21,10 @@ The train step calls, inside one jit:
       step, carries running statistics that the loss reported as (non-scalar) metrics into the method
       params, without gradient (e.g. PLAN's running map prior); it removes the metrics it consumes. Such
       leaves should be frozen by ``trainable``.
+  zero_shot_scores(img_emb, patch_emb, prompts, prompt_class, num_classes) -> [n, c] class scores: the
+      method's own zero-shot score (GLoRIA's local + global score, ``methods.gloria.zero_shot_scorer``), used
+      by the zero-shot evaluator's ``scoring="gloria"``; None: that evaluator uses GLoRIA's score with
+      defaults on the [CLS] report vector.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ class Objective(NamedTuple):
     similarity_maps: Optional[Callable[..., Any]] = None
     ema_decay: Optional[float] = None
     update_state: Optional[Callable[[Any, dict], tuple[Any, dict]]] = None
+    zero_shot_scores: Optional[Callable[..., Any]] = None
 
 
 OBJECTIVES = Registry("objective")
@@ -48,5 +53,18 @@ def make_objective(method_cfg, *, steps_per_epoch: int) -> Objective:
     return OBJECTIVES.get(method_cfg.name)(method_cfg, steps_per_epoch=steps_per_epoch)
 
 
-# Explicit imports: registration never depends on what a config happened to import.
-from medvlp_jax.methods import aga, convirt, gloria, mgca, plan, sista  # noqa: E402,F401
+# Every module of this package except the shared helpers is a method and registers itself on import; importing
+# them all here means registration never depends on what a config happened to import, and a new method is one
+# new file (plus its config and test).
+HELPER_MODULES = ("common", "local_ops")
+
+
+def _import_methods() -> None:
+    import importlib
+    import pkgutil
+    for info in pkgutil.iter_modules(__path__):
+        if info.name not in HELPER_MODULES:
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_methods()

@@ -343,6 +343,23 @@ def gloria_zero_shot_scores(img_emb: Array, patch_emb: Array, prompt_emb: Array,
     return scores
 
 
+def zero_shot_scorer(*, report_vector_mode: str = "mean_all_slots", attention: str = "words_then_regions",
+                     temp1: float = 4.0, temp2: float = 5.0, text_chunk: Optional[int] = 8):
+    """GLoRIA's zero-shot score (methods.md 3.4) as ``Objective.zero_shot_scores``.
+
+    Returns scores(img_emb [n, d], patch_emb [n, p, d], prompts, prompt_class [m], num_classes) -> [n, c]
+    class scores before z-normalisation; ``prompts`` holds the encoded prompts' ``txt_emb`` [m, d],
+    ``word_emb`` [m, t, d], ``word_mask`` and ``slot_mask`` [m, t].
+    """
+    def scores(img_emb, patch_emb, prompts, prompt_class, num_classes: int):
+        g_txt = report_vector(jnp.asarray(prompts["word_emb"]), jnp.asarray(prompts["slot_mask"]),
+                              jnp.asarray(prompts["txt_emb"]), report_vector_mode)
+        return gloria_zero_shot_scores(img_emb, patch_emb, g_txt, prompts["word_emb"], prompts["word_mask"],
+                                       prompt_class, num_classes, temp1=temp1, temp2=temp2, text_chunk=text_chunk,
+                                       normalize=False, attention=attention)
+    return scores
+
+
 @OBJECTIVES.register("gloria")
 def make(cfg, *, steps_per_epoch: int) -> Objective:
     del steps_per_epoch
@@ -363,4 +380,7 @@ def make(cfg, *, steps_per_epoch: int) -> Objective:
         words = local_word_set(out.word_mask, out.slot_mask, settings.include_cls_word, settings.include_sep_word)
         return attention_maps(out.word_emb, words, out.patch_emb, settings.temp1, settings.attention)
 
-    return Objective(name="gloria", init=init, loss=loss, similarity_maps=similarity_maps)
+    zero_shot_scores = zero_shot_scorer(report_vector_mode=settings.report_vector, attention=settings.attention,
+                                        temp1=settings.temp1, temp2=settings.temp2)
+    return Objective(name="gloria", init=init, loss=loss, similarity_maps=similarity_maps,
+                     zero_shot_scores=zero_shot_scores)

@@ -1,6 +1,6 @@
 """Import other methods' released PyTorch checkpoints as pretraining workdirs that our evaluators read.
 
-    from medvlp_jax.models import released
+    from medvlp_jax import released
     result = released.import_checkpoint("mgca", "mgca_vit_base.ckpt", released.ImportOptions(
         tokenizer_dir="checkpoints/Bio_ClinicalBERT", data_root="data/mimic_cxr"))
     print(result.report.text())
@@ -20,11 +20,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from medvlp_jax.models.released import gloria, mgca
-from medvlp_jax.models.released.configs import ImportOptions, check_tokenizer
-from medvlp_jax.models.released.namemap import CheckpointImportError, ReleasedImportReport
-from medvlp_jax.models.released.reader import LoadedCheckpoint, TorchRequired, read_checkpoint
-from medvlp_jax.models.released.workdir import check_shapes, write_workdir
+from medvlp_jax.released import gloria, mgca
+from medvlp_jax.released.configs import ImportOptions, check_tokenizer
+from medvlp_jax.released.namemap import CheckpointImportError, ReleasedImportReport
+from medvlp_jax.released.reader import LoadedCheckpoint, TorchRequired, read_checkpoint
+from medvlp_jax.released.workdir import check_shapes, write_workdir
 
 FORMATS: dict[str, Callable[[LoadedCheckpoint, ImportOptions], tuple]] = {
     "mgca": mgca.convert,

@@ -15,9 +15,9 @@ from typing import Any, Mapping, Optional
 
 import ml_collections
 
-from medvlp_jax.models.released.namemap import CheckpointImportError, ReleasedImportReport
+from medvlp_jax.released.namemap import CheckpointImportError, ReleasedImportReport
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclasses.dataclass

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from medvlp_jax.models.released import configs, towers
-from medvlp_jax.models.released.namemap import (CheckpointImportError, ReleasedImportReport, convert_entries, dense,
+from medvlp_jax.released import configs, towers
+from medvlp_jax.released.namemap import (CheckpointImportError, ReleasedImportReport, convert_entries, dense,
                                                 merge_trees, require)
-from medvlp_jax.models.released.reader import LoadedCheckpoint
+from medvlp_jax.released.reader import LoadedCheckpoint
 
 IMAGE = "gloria.img_encoder.model."
 TEXT = "gloria.text_encoder.model."

@@ -30,10 +30,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from medvlp_jax.models.released import configs, towers
-from medvlp_jax.models.released.namemap import (BN_COUNTER_PATTERN, CheckpointImportError, ReleasedImportReport,
+from medvlp_jax.released import configs, towers
+from medvlp_jax.released.namemap import (BN_COUNTER_PATTERN, CheckpointImportError, ReleasedImportReport,
                                                 convert_entries, merge_trees, mlp_bn_head, require)
-from medvlp_jax.models.released.reader import LoadedCheckpoint
+from medvlp_jax.released.reader import LoadedCheckpoint
 
 IMAGE = "img_encoder_q.model."
 TEXT = "text_encoder_q.model."

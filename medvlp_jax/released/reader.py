@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from medvlp_jax.models.released.namemap import CheckpointImportError, jsonable, optional_int
+from medvlp_jax.released.namemap import CheckpointImportError, jsonable, optional_int
 
 
 class TorchRequired(CheckpointImportError):

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from medvlp_jax.models import hf_import
-from medvlp_jax.models.released.namemap import (CheckpointImportError, ReleasedImportReport, count_indexed,
+from medvlp_jax.released.namemap import (CheckpointImportError, ReleasedImportReport, count_indexed,
                                                 require, section)
 
 BN_COUNTER = "BatchNorm step counter (torch uses it only when momentum=None; the running statistics are converted)"

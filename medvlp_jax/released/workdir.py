@@ -13,19 +13,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from medvlp_jax.models.released.namemap import CheckpointImportError, ReleasedImportReport, check_against
+from medvlp_jax.released.namemap import CheckpointImportError, ReleasedImportReport, check_against
 
 
 def _abstract(config) -> tuple[Any, Any]:
-    """(abstract TrainState, optimiser) of ``config`` as ``train.loop.setup`` makes them (no compilation, no data)."""
-    from medvlp_jax.methods import make_objective
-    from medvlp_jax.models.dual_encoder import build_model
-    from medvlp_jax.train import optim, state as state_lib
-    model = build_model(config.model)
-    objective = make_objective(config.method, steps_per_epoch=1)
-    tx, _ = optim.make_optimizer(config.optim, 1)
-    init = state_lib.make_init_fn(config, model, objective, tx, init_batch_size=1)
-    return jax.eval_shape(init, jax.random.PRNGKey(config.seed)), tx
+    """(abstract TrainState, optimiser) of ``config`` as ``train.setup.build`` makes them (no compilation, no
+    data; the shapes do not depend on the mesh or the schedules, so one device and one step suffice)."""
+    from medvlp_jax import sharding as sharding_lib
+    from medvlp_jax.train.setup import build
+    mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+    setup = build(config, mesh, steps_per_epoch=1, total_steps=1, init_batch_size=1)
+    return setup.abstract, setup.tx
 
 
 def check_shapes(config, variables: dict, method_params: dict, report: ReleasedImportReport) -> None:

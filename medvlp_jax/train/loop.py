@@ -1,10 +1,14 @@
-"""run(config, workdir): init or resume -> train loop -> checkpoints -> end-of-run evaluation."""
+"""run(config, workdir): init or resume -> train loop -> checkpoints -> end-of-run evaluation.
+
+The end-of-run evaluation is passed in by the caller (``end_of_run_eval``; launch/pretrain.py passes
+``evaluators.quick.evaluate_state``), so training never imports an evaluator.
+"""
 from __future__ import annotations
 
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -13,9 +17,8 @@ from medvlp_jax import config_lib, logging_lib, sharding as sharding_lib
 from medvlp_jax.data import pipeline, prepare, schema, tokenizer as tokenizer_lib
 from medvlp_jax.errors import Preempted  # noqa: F401  (re-exported; defined in the bottom layer)
 from medvlp_jax.logging_lib import log
-from medvlp_jax.methods import make_objective
-from medvlp_jax.models.dual_encoder import build_model
-from medvlp_jax.train import checkpoint as ckpt_lib, faults, optim, state as state_lib, step as step_lib
+from medvlp_jax.train import checkpoint as ckpt_lib, faults
+from medvlp_jax.train.setup import Setup, build
 
 
 def total_steps_of(config, num_train: int) -> int:
@@ -24,26 +27,17 @@ def total_steps_of(config, num_train: int) -> int:
     return int(config.train.epochs) * config_lib.steps_per_epoch(config, num_train)
 
 
-def setup(config, workdir: str, *, devices=None) -> dict[str, Any]:
-    """Everything a run needs before the loop: data info, mesh, model, objective, optimiser, state."""
+def setup(config, *, devices=None) -> Setup:
+    """Validates the config, prepares the demo data if it is the source, and builds the run on ``devices``
+    (default: all) with schedules sized by the data's train split."""
     devices = list(devices if devices is not None else jax.devices())
     config_lib.validate(config, num_devices=len(devices))      # before any data is rendered or read
     prepare.ensure_demo_data(config)
     info = schema.read_info(config.data.root)
     num_train = info["splits"][config.data.train_split]["num_examples"]
-    spe = config_lib.steps_per_epoch(config, num_train)
-    total = total_steps_of(config, num_train)
-    mesh = sharding_lib.make_mesh(config.mesh, devices)
-    model = build_model(config.model)
-    objective = make_objective(config.method, steps_per_epoch=spe)
-    tx, schedule = optim.make_optimizer(config.optim, total)
-    rng = jax.random.PRNGKey(config.seed)
-    init = state_lib.make_init_fn(config, model, objective, tx, init_batch_size=mesh.size)
-    abstract = jax.eval_shape(init, rng)
-    shardings = state_lib.state_shardings(config, abstract, mesh)
-    return dict(info=info, num_train=num_train, steps_per_epoch=spe, total_steps=total, mesh=mesh, model=model,
-                objective=objective, tx=tx, schedule=schedule, rng=rng, init=init, abstract=abstract,
-                shardings=shardings)
+    return build(config, sharding_lib.make_mesh(config.mesh, devices),
+                 steps_per_epoch=config_lib.steps_per_epoch(config, num_train),
+                 total_steps=total_steps_of(config, num_train))
 
 
 def load_pretrained_towers(config, state, shardings):
@@ -112,9 +106,17 @@ def check_resume_config(config, workdir: str, *, allow_change: bool = False) -> 
         os.replace(path, os.path.join(workdir, f"config.before-{int(time.time())}.json"))
 
 
-def run(config, workdir: str, *, stop_after_steps: int | None = None,
+# (config, Setup, final TrainState, tokenizer) -> {metric name: value}
+EndOfRunEval = Callable[[Any, Setup, Any, Any], dict]
+
+
+def run(config, workdir: str, *, end_of_run_eval: EndOfRunEval | None = None, stop_after_steps: int | None = None,
         allow_config_change: bool = False) -> dict[str, Any]:
     """Trains (resuming from ``workdir`` if it holds checkpoints); returns the final metrics.
+
+    end_of_run_eval: called on the final state when ``config.train.eval_at_end``; its metrics go to
+        ``<workdir>/eval_results.json`` and ``results["eval"]`` (launch/pretrain.py passes
+        ``medvlp_jax.evaluators.quick.evaluate_state``). None: no end-of-run evaluation.
 
     stop_after_steps: stop early (as if killed) after this many steps of this invocation (tests).
     allow_config_change: resume even though the config differs from the workdir's (``check_resume_config``).
@@ -124,10 +126,10 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None,
     config_lib.check_output_dir(workdir, "--workdir")
     if ckpt_lib.has_checkpoints(workdir):
         check_resume_config(config, workdir, allow_change=allow_config_change)
-    s = setup(config, workdir)
-    mesh, total = s["mesh"], s["total_steps"]
+    s = setup(config)
+    mesh, total = s.mesh, s.total_steps
     ckpt = ckpt_lib.Checkpointer(workdir, every_steps=config.train.ckpt_every_steps, keep=config.train.keep_ckpts)
-    found = ckpt.restore_latest(s["abstract"], s["shardings"])
+    found = ckpt.restore_latest(s.abstract, s.shardings)
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=1))
@@ -141,22 +143,18 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None,
                 f"{config.seed}; use a fresh --workdir or the same seed")
     else:
         start = 0
-        state = jax.jit(s["init"], out_shardings=s["shardings"])(s["rng"])
-        state = load_pretrained_towers(config, state, s["shardings"])
+        state = s.init_state()
+        state = load_pretrained_towers(config, state, s.shardings)
     log.info("method=%s  params: encoders %.2fM, method %d  mesh %s  steps %d (%d/epoch)  global batch %d",
              config.method.name, _count_params(state.params["encoders"]) / 1e6, _count_params(state.params["method"]),
-             dict(mesh.shape), total, s["steps_per_epoch"], config.train.batch_size)
+             dict(mesh.shape), total, s.steps_per_epoch, config.train.batch_size)
 
     tokenizer = tokenizer_lib.load_tokenizer(config.data.tokenizer_dir)
     host_iter = pipeline.make_train_iter(config, tokenizer, start_step=start, process_index=jax.process_index(),
                                          process_count=jax.process_count())
     batches = pipeline.Prefetcher(host_iter, lambda b: sharding_lib.to_global(b, mesh),
                                   depth=config.data.get("prefetch", 2))
-    train_step = step_lib.jit_train_step(
-        step_lib.make_train_step(s["model"], s["objective"], s["tx"], s["schedule"],
-                                 grad_accum_steps=config.optim.grad_accum_steps,
-                                 prng_impl=config.train.get("prng_impl", "threefry2x32")),
-        s["shardings"], sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh))
+    train_step = s.jit_train_step()
 
     writer = logging_lib.MetricWriter(workdir, enabled=is_main, resume_step=start)
     preemption = faults.PreemptionWatch()      # SIGTERM/Ctrl-C -> save + exit at a step all processes agree on
@@ -219,9 +217,8 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None,
         preemption.close()
 
     results: dict[str, Any] = {"train": last_metrics, "steps": step}
-    if config.train.get("eval_at_end", True):
-        from medvlp_jax.evaluators import quick
-        results["eval"] = quick.evaluate_state(config, s, state, tokenizer)
+    if config.train.get("eval_at_end", True) and end_of_run_eval is not None:
+        results["eval"] = end_of_run_eval(config, s, state, tokenizer)
         if is_main:
             with open(os.path.join(workdir, "eval_results.json"), "w") as f:
                 json.dump(results["eval"], f, indent=1)

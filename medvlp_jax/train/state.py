@@ -63,12 +63,3 @@ def make_init_fn(config, model, objective, tx: optax.GradientTransformation, ini
 def state_shardings(config, abstract_state: TrainState, mesh) -> TrainState:
     """Shardings for every leaf: parameter-shaped leaves by the config's regex rules, the rest replicated."""
     return sharding_lib.tree_shardings(abstract_state, config.param_sharding, mesh)
-
-
-def create_train_state(config, model, objective, tx, mesh, rng) -> tuple[TrainState, TrainState]:
-    """Initialises the state directly sharded. Returns (state, its shardings)."""
-    init = make_init_fn(config, model, objective, tx, init_batch_size=mesh.size)
-    abstract = jax.eval_shape(init, rng)
-    shardings = state_shardings(config, abstract, mesh)
-    state = jax.jit(init, out_shardings=shardings)(rng)
-    return state, shardings

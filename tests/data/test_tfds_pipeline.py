@@ -89,7 +89,8 @@ def test_pretraining_runs_on_a_tfds_prepared_set(roots, tmp_path):
     c.data.root, c.data.tokenizer_dir = tfds_root, os.path.join(tfds_root, "tokenizer")
     c.model.text.vocab_size = 200
     c.train.total_steps = 2
+    from medvlp_jax.evaluators import quick
     from medvlp_jax.train import loop
-    results = loop.run(c, str(tmp_path / "run"))
+    results = loop.run(c, str(tmp_path / "run"), end_of_run_eval=quick.evaluate_state)
     assert os.path.exists(tmp_path / "run" / "metrics.jsonl")
     assert any(k.startswith("retrieval/") for k in results.get("eval", {}))

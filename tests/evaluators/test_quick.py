@@ -55,8 +55,7 @@ def test_evaluate_state_on_a_run_reads_reports_and_findings(syn_run):
     """On the synthetic split (stored finding names), every hit definition and the ceiling are reported,
     and their ordering holds: strict <= same-text, strict <= same-findings <= 1."""
     from medvlp_jax.evaluators import quick
-    setup = {"model": syn_run.model, "mesh": syn_run.mesh}
-    res = quick.evaluate_state(syn_run.config, setup, syn_run.state, syn_run.tokenizer)
+    res = quick.evaluate_state(syn_run.config, syn_run, syn_run.state, syn_run.tokenizer)
     assert res["retrieval/num_pairs"] == 32
     strict = res["retrieval/i2t/R@1"]
     assert strict <= res["retrieval_same_text/i2t/R@1"] + 1e-12
@@ -77,8 +76,7 @@ def test_quick_evaluator_through_run_suite(syn_run, tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = evaluators.run_suite(mod.get_config("demo"), str(tmp_path), untrained=True, run=syn_run)["quick"]
-    direct = quick.evaluate_state(syn_run.config, {"model": syn_run.model, "mesh": syn_run.mesh}, syn_run.state,
-                                  syn_run.tokenizer)
+    direct = quick.evaluate_state(syn_run.config, syn_run, syn_run.state, syn_run.tokenizer)
     for k, v in direct.items():
         assert out[k] == pytest.approx(v, abs=1e-6), k
     with open(os.path.join(tmp_path, "eval", "quick_untrained.json")) as f:

@@ -63,7 +63,7 @@ def test_plot_training_curves(tmp_path):
 
 def test_save_heatmaps_writes_one_png_per_report(syn_run, tmp_path):
     import matplotlib.image
-    from medvlp_jax.viz import save_heatmaps
+    from medvlp_jax.evaluators.grounding import save_heatmaps
     paths = save_heatmaps(syn_run, "test", str(tmp_path), n=3)
     assert len(paths) == 3 and all(os.path.dirname(p) == str(tmp_path) for p in paths)
     for p in paths:

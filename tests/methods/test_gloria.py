@@ -308,7 +308,8 @@ def test_zero_shot_scores_match_reference():
 
 
 def test_zero_shot_evaluator_scores_with_the_runs_attention(monkeypatch):
-    """evaluators.zero_shot.gloria_scores passes the run's method.attention (GLoRIA runs only) to the scores."""
+    """evaluators.zero_shot.gloria_scores scores with the run objective's zero_shot_scores (GLoRIA: its
+    method.attention); a method without one gets GLoRIA's default attention."""
     import types
 
     from medvlp_jax.evaluators import zero_shot
@@ -327,8 +328,10 @@ def test_zero_shot_evaluator_scores_with_the_runs_attention(monkeypatch):
     emb = {"img_emb": np.asarray(imgs.img_emb), "patch_emb": np.asarray(imgs.patch_emb)}
     for name, attention, expected in [("gloria", "regions", "regions"), ("gloria", None, "words_then_regions"),
                                       ("mgca", "regions", "words_then_regions")]:
-        method = {"name": name} | ({"attention": attention} if attention else {})
-        run = types.SimpleNamespace(config=ml_collections.ConfigDict({"method": method}))
+        method = ml_collections.ConfigDict({"name": name} | ({"attention": attention} if attention else {}))
+        objective = (gloria.make(method, steps_per_epoch=1) if name == "gloria"
+                     else types.SimpleNamespace(zero_shot_scores=None))
+        run = types.SimpleNamespace(config=ml_collections.ConfigDict({"method": method}), objective=objective)
         got = zero_shot.gloria_scores(run, None, emb, {"a": ["p0"], "b": ["p1"]}, image_chunk=4)
         assert got.shape == (3, 2) and seen[-1] == expected
 

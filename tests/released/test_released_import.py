@@ -1,7 +1,7 @@
 """Released MGCA / GLoRIA checkpoints -> workdirs: parity with the authors' forward pass, key layouts, refusals.
 
 Each parity test builds a tiny PyTorch model that follows the authors' forward pass with the authors' module
-names (tests/models/released_torch.py), gives it random weights and running statistics, saves it as a
+names (tests/released/released_torch.py), gives it random weights and running statistics, saves it as a
 Lightning-style ``.ckpt`` in the released key layout, imports it (launch/import_checkpoint.py or the library),
 restores the workdir with ``evaluators.common.load_run`` as launch/evaluate.py does, and compares the global and
 local embeddings of our Flax model with the PyTorch ones (1e-4 relative).
@@ -19,9 +19,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from medvlp_jax.data import tokenizer as tokenizer_lib  # noqa: E402
-from medvlp_jax.models import released  # noqa: E402
+from medvlp_jax import released  # noqa: E402
 from medvlp_jax.models.dual_encoder import DualEncoder  # noqa: E402
-from tests.models import released_torch as rt  # noqa: E402
+from tests.released import released_torch as rt  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MANIFESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "released_manifests")
@@ -265,7 +265,7 @@ def _manifest_checkpoint(name):
 def test_full_size_manifest_converts(manifest, fmt, env):
     """Every key of the released layouts at full size: loaded or ignored for its documented reason, and every
     converted array has the shape of the model (ViT-B/16 or ResNet-50 + BERT) built from the imported config."""
-    from medvlp_jax.models.released import workdir
+    from medvlp_jax.released import workdir
     ckpt = _manifest_checkpoint(manifest)
     config, variables, method_params, report = released.FORMATS[fmt](
         ckpt, released.ImportOptions(tokenizer_dir=env["tok_dir"], data_root=env["data"]))
