@@ -88,6 +88,7 @@ def test_chunked_steps_are_counted_in_full():
     assert got[8][2] == "loop-free variant: method.text_chunk=None" and got[None][2] == "compiled step"
 
 
+@pytest.mark.slow
 def test_benchmark_cli_smoke(tmp_path):
     root = str(tmp_path / "data")
     synthetic.prepare_synthetic(root, num_train=32, num_test=8, num_shards=2)

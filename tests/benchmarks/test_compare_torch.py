@@ -66,6 +66,7 @@ def test_unported_settings_are_refused():
         torch_mgca.TorchMgca(config)
 
 
+@pytest.mark.slow
 def test_compare_torch_cli_smoke(tmp_path):
     out = tmp_path / "cmp.json"
     cmd = [sys.executable, os.path.join(helpers.ROOT, "benchmarks", "compare_torch.py"),

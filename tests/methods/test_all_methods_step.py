@@ -27,7 +27,11 @@ def test_config_variants_load(name):
         assert c.train.batch_size > 0
 
 
-@pytest.mark.parametrize("name,arg", [(m, "test") for m in METHODS] + [("convirt", "test,image=resnet")])
+# The whole step (encoders + objective + optimiser) on the demo's encoder type (ResNet with BatchNorm: statistics
+# over the global batch) in the default run; every method on the test ViT with -m slow (~30 s each). Each
+# objective alone, sharded against one device, is in the default run: tests/methods/test_objectives_sharded.py.
+@pytest.mark.parametrize("name,arg", [pytest.param(m, "test", marks=pytest.mark.slow) for m in METHODS]
+                         + [("convirt", "test,image=resnet")])
 def test_sharded_train_step_equals_single_device(name, arg):
     """Every method on the test ViT, and the demo's encoder type (ResNet with BatchNorm: statistics over the
     global batch) once."""

@@ -319,6 +319,7 @@ def test_diagnose_names_the_garbled_json_file(tmp_path):
 # Ctrl-C (subprocess): the first one saves a checkpoint at the current step and exits promptly (130); the rerun
 # resumes there and metrics.jsonl holds no step twice.
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_exits_promptly_and_the_resume_writes_each_metric_row_once(tmp_path, data_root,
                                                                                              env):
     work, total = tmp_path / "run", 200

@@ -66,6 +66,7 @@ def _run(config, impl, batches):
     return jax.device_get(state.params), losses
 
 
+@pytest.mark.slow
 def test_without_dropout_every_generator_gives_the_same_step():
     """The generator only feeds dropout: with text dropout 0 the step is bit-identical; with dropout 0.1 the masks
     (so the losses) differ, and the run stays finite."""
