@@ -29,6 +29,26 @@ PREPARE_COMMANDS = {
 }
 
 
+def parse_value(key: str, default: Any, text: str) -> Any:
+    """The text of ``key=text`` (a config argument) as the type of ``default``.
+
+    Booleans read 1/true/yes and 0/false/no (any case); anything else is a ConfigError, as is a number that
+    does not parse. A None default keeps the text.
+    """
+    if isinstance(default, bool):
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise ConfigError(f"config argument {key}={text!r} is not a boolean (true/false)")
+    if default is None:
+        return text
+    try:
+        return type(default)(text)
+    except ValueError:
+        raise ConfigError(f"config argument {key}={text!r} is not of type {type(default).__name__}") from None
+
+
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     """Parses 'demo,image=resnet' into ConfigDict(variant='demo', image='resnet', ...defaults)."""
     out = dict(variant="paper", **defaults)
@@ -37,7 +57,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
             key, value = part.split("=", 1)
             if key not in out:
                 raise ConfigError(f"unknown config argument {key!r}; known: {sorted(out)}")
-            out[key] = type(out[key])(value) if out[key] is not None else value
+            out[key] = parse_value(key, out[key], value)
         elif part in VARIANTS:
             out["variant"] = part
         else:

@@ -1,8 +1,8 @@
 """The exceptions the launchers turn into one line (``app.run_main``): the bottom layer, importing nothing of ours.
 
-Each is re-exported where it is raised (``config_lib.ConfigError``, ``data.pipeline.BadRecordError``,
-``train.loop.Preempted``, ``train.checkpoint.CheckpointError``), so ``app`` needs none of those modules to
-catch them.
+``config_lib.ConfigError``, ``train.loop.Preempted`` and ``train.checkpoint.CheckpointError`` are also
+re-exported where they are raised; ``BadRecordError`` (raised by ``data.host_batches``) is imported from here.
+``app`` needs none of those modules to catch them.
 """
 
 

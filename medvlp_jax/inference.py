@@ -9,7 +9,7 @@
 
 The image goes through the converters' reader (PNG/JPEG, or DICOM with its rescale, window / VOI LUT and
 MONOCHROME1 inversion; ``data/images.py``), resized and padded to the run's ``data.resize`` and centre-cropped
-exactly as the evaluation pipeline does (``pipeline.decode_image``). Scores are cosines between the image
+exactly as the evaluation pipeline does (``decode.decode_image``). Scores are cosines between the image
 embedding and each class's mean prompt embedding (the zero-shot evaluator's "cosine" mode); maps are the
 grounding evaluator's (the method's own word-to-patch maps when it has them, else phrase-patch cosine).
 """
@@ -33,10 +33,10 @@ def read_radiograph(path: str, size: int) -> np.ndarray:
 
 def model_image(pixels: np.ndarray, data_cfg) -> np.ndarray:
     """[crop, crop, channels] float32 in [-1, 1]: ``pixels`` [h, w] through the evaluation preprocessing."""
-    from medvlp_jax.data import images, pipeline
-    tf = pipeline._tf()
+    from medvlp_jax.data import decode, images, pipeline
+    tf = pipeline.import_tf()
     png = tf.constant(images.encode_png(np.asarray(pixels)))
-    image = pipeline.decode_image(tf, png, resize=data_cfg.resize, crop=data_cfg.crop, channels=data_cfg.channels,
+    image = decode.decode_image(tf, png, resize=data_cfg.resize, crop=data_cfg.crop, channels=data_cfg.channels,
                                   train=False, seed=tf.constant([0, 0], tf.int64), random_flip=False)
     return image.numpy().astype(np.float32)
 
@@ -60,7 +60,7 @@ def default_prompts(run) -> dict[str, list[str]]:
 
 def image_embeddings(run, images: np.ndarray) -> np.ndarray:
     """[n, d] L2-normalised global image embeddings of images [n, crop, crop, channels]."""
-    from medvlp_jax.evaluators.segmentation import batched_apply
+    from medvlp_jax.evaluators.dense import batched_apply
     fn = jax.jit(lambda v, b: run.model.apply(v, b, train=False, method="encode_image").img_emb)
     emb = batched_apply(lambda b: fn(run.variables, b), {"image": np.asarray(images, np.float32)}, mesh=run.mesh,
                         batch_size=len(images))

@@ -28,6 +28,20 @@ def test_parse_arg_variants_and_overrides():
         config_lib.parse_arg("imag=vit", image="vit")
 
 
+def test_config_arguments_parse_as_their_default_type():
+    """One parser for configs/<method>.py:<arg> and configs/eval/<task>.py:<arg>: 'false' is False."""
+    from medvlp_jax import evaluators
+    assert config_lib.parse_value("small", True, "False") is False
+    assert config_lib.parse_value("small", False, "yes") is True
+    assert config_lib.parse_value("n", 3, "5") == 5 and config_lib.parse_value("root", None, "/d") == "/d"
+    with pytest.raises(config_lib.ConfigError, match="small='maybe' is not a boolean"):
+        config_lib.parse_value("small", False, "maybe")
+    with pytest.raises(config_lib.ConfigError, match="n='five' is not of type int"):
+        config_lib.parse_value("n", 3, "five")
+    assert config_lib.parse_arg("demo,small=false", image="", small=True).small is False
+    assert evaluators.parse_config_arg("a,flag=false", ("a", "b"), flag=True).flag is False
+
+
 @pytest.mark.parametrize("name", OBJECTIVES.names())
 def test_default_image_encoder_per_variant(name):
     """The demo trains the small ResNet, the test variant the test ViT, the paper setup its paper's encoder."""

@@ -38,6 +38,7 @@ from typing import Any, Optional
 
 import ml_collections
 
+from medvlp_jax import config_lib
 from medvlp_jax.registry import Registry
 
 EVALUATORS = Registry("evaluator")
@@ -278,57 +279,9 @@ def parse_config_arg(arg: Optional[str], presets: tuple[str, ...], **defaults: A
             if key not in out or key == "preset":
                 known = sorted(k for k in out if k != "preset")
                 raise ValueError(f"unknown eval config argument {key!r}; known: {known}")
-            cur = out[key]
-            out[key] = (value.lower() in ("1", "true", "yes")) if isinstance(cur, bool) else \
-                (type(cur)(value) if cur is not None else value)
+            out[key] = config_lib.parse_value(key, out[key], value)
         elif part in presets:
             out["preset"] = part
         else:
             raise ValueError(f"unknown eval preset {part!r}; known: {list(presets)}")
     return ml_collections.ConfigDict(out)
-
-
-def read_split_fields(root: str, split: str, fields=("index", "labels")) -> dict[str, Any]:
-    """Non-image fields of every example of a split (all shards, images not decoded), sorted by ``index``.
-
-    Args:
-        root: prepared data directory.
-        split: split name.
-        fields: any of "index", "labels", "report", "id", "patient_id", "finding_names".
-
-    Returns:
-        {field: array [n] ([n, classes] for labels; str for text fields; for "finding_names" a list per
-        example of its finding names)}.
-    """
-    import numpy as np
-    from medvlp_jax.data import pipeline, schema
-    tf = pipeline._tf()   # TF kept off the accelerators
-    info = schema.read_info(root)
-    if split not in info.get("splits", {}):
-        raise ValueError(f"data set at {root!r} has no split {split!r}; it has {sorted(info.get('splits', {}))}")
-    full = schema.feature_spec(len(info["class_names"]))
-    spec = {f: full[f] for f in set(fields) | {"index"}}
-    files = [os.path.join(root, s["file"]) for s in info["splits"][split]["shards"]]
-    rows: dict[str, list] = {f: [] for f in spec}
-
-    def parse(record):
-        ex = tf.io.parse_single_example(record, spec)
-        return {f: tf.sparse.to_dense(v) if isinstance(v, tf.sparse.SparseTensor) else v for f, v in ex.items()}
-
-    def text(v):
-        return v.decode("utf-8", errors="replace") if isinstance(v, bytes) else v
-
-    for ex in tf.data.TFRecordDataset(files).map(parse).as_numpy_iterator():
-        for f in spec:
-            v = ex[f]
-            rows[f].append([text(x) for x in v] if isinstance(spec[f], tf.io.VarLenFeature) else text(v))
-    order = np.argsort(np.asarray(rows["index"], np.int64), kind="stable")
-    out = {}
-    for f, v in rows.items():
-        if f not in fields:
-            continue
-        if isinstance(spec[f], tf.io.VarLenFeature):
-            out[f] = [v[i] for i in order]
-        else:
-            out[f] = np.asarray(v)[order] if v else np.zeros((0,))
-    return out

@@ -11,7 +11,6 @@ import json
 import os
 from typing import Any, Optional
 
-import jax
 import ml_collections
 
 from medvlp_jax import sharding as sharding_lib

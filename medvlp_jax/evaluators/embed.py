@@ -11,6 +11,7 @@ import numpy as np
 
 from medvlp_jax import sharding as sharding_lib
 from medvlp_jax.data import pipeline, tokenizer as tokenizer_lib
+from medvlp_jax.data.host_batches import HostBatches
 
 
 def variables_of(state) -> dict[str, Any]:
@@ -45,10 +46,10 @@ def embed_split(config, model, variables, mesh, tokenizer, split: str,
     """Runs the eval forward over ``split``; returns fields + labels/index/report per valid row."""
     pc, pi = jax.process_count(), jax.process_index()
     local_batch = max(1, config.train.batch_size // pc)
-    ds, info, num_batches = pipeline.build_eval_dataset(config.data, split, local_batch=local_batch,
+    raw, info, num_batches = pipeline.build_eval_dataset(config.data, split, local_batch=local_batch,
                                                         process_index=pi, process_count=pc)
     forward = make_forward(model, mesh, fields)
-    host = pipeline.HostBatches(ds, tokenizer, config.data.max_text_len, f"split {split!r} of {config.data.root!r}")
+    host = HostBatches(raw, tokenizer, config.data.max_text_len, f"split {split!r} of {config.data.root!r}")
     outs: dict[str, list] = {f: [] for f in fields}
     extra: dict[str, list] = {"labels": [], "index": [], "valid": []}
     for raw in host:

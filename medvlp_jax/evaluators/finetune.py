@@ -25,8 +25,8 @@ import numpy as np
 import optax
 
 from medvlp_jax import sharding as sharding_lib
-from medvlp_jax.evaluators import (EVALUATORS, binary_labels, class_columns, data_info, eval_config,
-                                   read_split_fields)
+from medvlp_jax.data.fields import read_split_fields
+from medvlp_jax.evaluators import EVALUATORS, binary_labels, class_columns, data_info, eval_config
 from medvlp_jax.evaluators import linear_probe as lp
 
 
@@ -41,8 +41,8 @@ def train_stream(data_cfg, split: str, keep_index: np.ndarray, *, local_batch: i
         dataset of {"image" [b, crop, crop, ch], "labels" [b, classes], "index" [b]}.
     """
     import os
-    from medvlp_jax.data import pipeline, schema
-    tf = pipeline._tf()
+    from medvlp_jax.data import decode, pipeline, schema
+    tf = pipeline.import_tf()
     info = schema.read_info(data_cfg.root)
     n_split = int(info["splits"][split]["num_examples"])
     pc, pi = jax.process_count(), jax.process_index()
@@ -63,7 +63,7 @@ def train_stream(data_cfg, split: str, keep_index: np.ndarray, *, local_batch: i
         def parse(r):
             ex = tf.io.parse_single_example(r, full_spec)
             s = tf.stack([tf.cast(seed, tf.int64) * 1_000_003 + epoch, ex["index"]])
-            img = pipeline.decode_image(tf, ex["image"], resize=data_cfg.resize, crop=data_cfg.crop,
+            img = decode.decode_image(tf, ex["image"], resize=data_cfg.resize, crop=data_cfg.crop,
                                         channels=data_cfg.channels, train=True, seed=s,
                                         random_flip=data_cfg.get("random_flip", False))
             return {"image": img, "labels": ex["labels"], "index": tf.cast(ex["index"], tf.int32)}
@@ -115,10 +115,10 @@ def predict_split(eval_logits, params, extra, config, split: str, mesh) -> tuple
     from medvlp_jax.data import pipeline
     from medvlp_jax.evaluators.embed import _gather
     pc, pi = jax.process_count(), jax.process_index()
-    ds, _, _ = pipeline.build_eval_dataset(config.data, split, local_batch=config.train.batch_size // pc,
-                                           process_index=pi, process_count=pc)
+    source, _, _ = pipeline.build_eval_dataset(config.data, split, local_batch=config.train.batch_size // pc,
+                                               process_index=pi, process_count=pc)
     logits, labels = [], []
-    for raw in ds.as_numpy_iterator():
+    for raw in source.dataset.as_numpy_iterator():
         batch = sharding_lib.to_global({"image": raw["image"].astype(np.float32),
                                         "labels": raw["labels"].astype(np.float32),
                                         "valid": np.asarray(raw["valid"], bool)}, mesh)

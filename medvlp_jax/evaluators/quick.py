@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from medvlp_jax import metrics
-from medvlp_jax.evaluators import EVALUATORS, embed, read_split_fields
+from medvlp_jax.data.fields import read_split_fields
+from medvlp_jax.evaluators import EVALUATORS, embed
 
 
 def class_prompts(config, class_names: list[str]) -> dict[str, list[str]]:

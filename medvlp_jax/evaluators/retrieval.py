@@ -20,8 +20,8 @@ import ml_collections
 import numpy as np
 
 from medvlp_jax import metrics
-from medvlp_jax.evaluators import (EVALUATORS, binary_labels, class_columns, data_info, eval_config,
-                                   read_split_fields, zero_shot)
+from medvlp_jax.data.fields import read_split_fields
+from medvlp_jax.evaluators import EVALUATORS, binary_labels, class_columns, data_info, eval_config, zero_shot
 from medvlp_jax.evaluators import embed
 
 

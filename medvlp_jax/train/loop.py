@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from medvlp_jax import config_lib, logging_lib, sharding as sharding_lib
-from medvlp_jax.data import pipeline, prepare, schema, tokenizer as tokenizer_lib
+from medvlp_jax.data import host_batches, pipeline, prepare, schema, tokenizer as tokenizer_lib
 from medvlp_jax.errors import Preempted  # noqa: F401  (re-exported; defined in the bottom layer)
 from medvlp_jax.logging_lib import log
 from medvlp_jax.train import checkpoint as ckpt_lib, faults
@@ -152,7 +152,7 @@ def run(config, workdir: str, *, end_of_run_eval: EndOfRunEval | None = None, st
     tokenizer = tokenizer_lib.load_tokenizer(config.data.tokenizer_dir)
     host_iter = pipeline.make_train_iter(config, tokenizer, start_step=start, process_index=jax.process_index(),
                                          process_count=jax.process_count())
-    batches = pipeline.Prefetcher(host_iter, lambda b: sharding_lib.to_global(b, mesh),
+    batches = host_batches.Prefetcher(host_iter, lambda b: sharding_lib.to_global(b, mesh),
                                   depth=config.data.get("prefetch", 2))
     train_step = s.jit_train_step()
 
@@ -192,7 +192,7 @@ def run(config, workdir: str, *, end_of_run_eval: EndOfRunEval | None = None, st
                          "perf/images_per_s": steps_since_log * config.train.batch_size / dt,
                          "train/nonfinite_steps": int(jax.device_get(state.nonfinite_steps))}
                 if config.data.get("skip_bad_records", False):   # summed over hosts; a few batches ahead
-                    rates["data/skipped_records"] = pipeline.global_count(host_iter.num_skipped)
+                    rates["data/skipped_records"] = host_batches.global_count(host_iter.num_skipped)
                 last_metrics = {k: float(v) for k, v in m.items()} | rates
                 writer.write_scalars(step, last_metrics)
                 bar.set_postfix(loss=f"{last_metrics['train/loss']:.3f}")

@@ -10,7 +10,7 @@ update (``objective.update_state``, finite steps only) and the EMA update.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

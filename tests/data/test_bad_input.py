@@ -17,6 +17,9 @@ import tensorflow as tf
 
 from medvlp_jax import config_lib
 from medvlp_jax.data import pipeline, tokenizer as tokenizer_lib
+from medvlp_jax.data.bad_records import check_record
+from medvlp_jax.data.host_batches import HostBatches
+from medvlp_jax.errors import BadRecordError
 from medvlp_jax.data.sources import synthetic
 
 NUM_TRAIN, NUM_SHARDS = 16, 2          # 8 records per shard; record k of shard s is example k * 2 + s
@@ -104,7 +107,7 @@ def test_bad_record_error_names_file_record_and_problem(clean_root, tok, tmp_pat
     shard, record, fn, fragment = RECORD_CASES[case]
     root, path = _corrupt(clean_root, tmp_path, shard, record, fn)
     it = pipeline.make_train_iter(_config(root), tok, start_step=0)
-    with pytest.raises(pipeline.BadRecordError) as e:
+    with pytest.raises(BadRecordError) as e:
         _epochs(it, 2 * NUM_TRAIN // 8)          # two epochs: the bad record is certainly reached
     msg = str(e.value)
     assert f"{path}: record {record}" in msg, msg
@@ -158,7 +161,7 @@ def test_shard_of_another_schema(clean_root, tok, tmp_path):
     shutil.copytree(clean_root, root)
     path = os.path.join(root, f"train-00001-of-{NUM_SHARDS:05d}.tfrecord")
     _write(path, [_other_schema(i) for i in range(len(_records(path)))])
-    with pytest.raises(pipeline.BadRecordError, match=r"train-00001-of-00002.tfrecord: record \d+.*missing field"
+    with pytest.raises(BadRecordError, match=r"train-00001-of-00002.tfrecord: record \d+.*missing field"
                        r".*image/encoded.*another schema"):
         _epochs(pipeline.make_train_iter(_config(root), tok, start_step=0), 2)
     it = pipeline.make_train_iter(_config(root, skip=True), tok, start_step=0)
@@ -177,7 +180,7 @@ def test_truncated_shard(clean_root, tok, tmp_path):
     lengths = [len(r) + 16 for r in _records(path)]         # TFRecord framing: 8 length + 4 + data + 4 bytes
     with open(path, "wb") as f:
         f.write(data[:sum(lengths[:5]) + 30])               # 5 whole records, then part of the 6th
-    with pytest.raises(pipeline.BadRecordError, match=rf"{path}: record 5: the file is truncated"):
+    with pytest.raises(BadRecordError, match=rf"{path}: record 5: the file is truncated"):
         _epochs(pipeline.make_train_iter(_config(root), tok, start_step=0), 2)
     it = pipeline.make_train_iter(_config(root, skip=True), tok, start_step=0)
     batches = _epochs(it, 4)
@@ -199,12 +202,12 @@ def test_eval_split_bad_record(clean_root, tok, tmp_path):
     recs[3] = _edit(recs[3], report=b"")                     # empty reports are fine in evaluation splits
     _write(path, recs)
     c = _config(root)
-    ds, _, _ = pipeline.build_eval_dataset(c.data, "test", local_batch=4)
-    with pytest.raises(pipeline.BadRecordError, match=rf"{path}: record 2 .*image"):
-        list(pipeline.HostBatches(ds, tok, c.data.max_text_len, "test split"))
+    raw, _, _ = pipeline.build_eval_dataset(c.data, "test", local_batch=4)
+    with pytest.raises(BadRecordError, match=rf"{path}: record 2 .*image"):
+        list(HostBatches(raw, tok, c.data.max_text_len, "test split"))
     c = _config(root, skip=True)
-    ds, _, n = pipeline.build_eval_dataset(c.data, "test", local_batch=4)
-    host = pipeline.HostBatches(ds, tok, c.data.max_text_len, "test split")
+    raw, _, n = pipeline.build_eval_dataset(c.data, "test", local_batch=4)
+    host = HostBatches(raw, tok, c.data.max_text_len, "test split")
     batches = list(host)
     valid = np.concatenate([b["valid"] for b in batches])
     assert len(batches) == n and valid.sum() == 7 and host.num_skipped == 1
@@ -218,7 +221,7 @@ def test_valid_data_passes_the_checks(clean_root):
                 tf.io.encode_jpeg(np.zeros((64, 20, 1), np.uint8)).numpy(),
                 tf.io.encode_png(np.zeros((16, 16, 1), np.uint16)).numpy()):
         rec = _edit(_records(os.path.join(clean_root, "train-00000-of-00002.tfrecord"))[0], image=img)
-        assert pipeline.check_record(rec, 4, c.data, train=True) is None
+        assert check_record(rec, 4, c.data, train=True) is None
 
 
 # ------------------------------------------------------------------------------------------------------------

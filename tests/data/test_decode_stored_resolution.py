@@ -1,10 +1,10 @@
-"""pipeline.decode_image skips the resize of an image stored at the training resolution (the converters'
+"""decode.decode_image skips the resize of an image stored at the training resolution (the converters'
 --image_size = data.resize): the result is identical to resizing it, and other sizes are still resized."""
 import numpy as np
 import pytest
 
 from medvlp_jax import env
-from medvlp_jax.data import pipeline
+from medvlp_jax.data import decode
 
 tf = env.import_tensorflow_quietly()
 
@@ -29,14 +29,14 @@ def _reference(data, img, resize, crop):
 @pytest.mark.parametrize("h,w", [(64, 64), (64, 50), (40, 64), (100, 80), (32, 30)])
 def test_stored_at_resize_equals_resized(h, w):
     data, img = _png(h, w)
-    got = pipeline.decode_image(tf, data, resize=64, crop=56, channels=1, train=False, seed=tf.constant([0, 0]),
+    got = decode.decode_image(tf, data, resize=64, crop=56, channels=1, train=False, seed=tf.constant([0, 0]),
                                 random_flip=False).numpy()
     np.testing.assert_array_equal(got, _reference(data, img, 64, 56))
 
 
 def test_training_crop_at_stored_resolution_is_a_window_of_the_image():
     data, img = _png(64, 64, seed=3)
-    got = pipeline.decode_image(tf, data, resize=64, crop=48, channels=3, train=True, seed=tf.constant([5, 7]),
+    got = decode.decode_image(tf, data, resize=64, crop=48, channels=3, train=True, seed=tf.constant([5, 7]),
                                 random_flip=False).numpy()
     full = ((tf.io.decode_image(data, channels=1, dtype=tf.float32).numpy()[..., 0]) - 0.5) / 0.5
     windows = [(i, j) for i in range(17) for j in range(17)

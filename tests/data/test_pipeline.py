@@ -65,8 +65,8 @@ def test_hosts_read_disjoint_files_covering_the_split(data_root):
 
 def test_eval_dataset_is_padded_with_invalid_rows(data_root):
     c = _config(data_root)
-    ds, info, num_batches = pipeline.build_eval_dataset(c.data, "test", local_batch=5)
-    batches = list(ds.as_numpy_iterator())
+    raw, info, num_batches = pipeline.build_eval_dataset(c.data, "test", local_batch=5)
+    batches = list(raw.dataset.as_numpy_iterator())
     assert num_batches == len(batches) == 3
     valid = np.concatenate([b["valid"] for b in batches])
     assert valid.sum() == 13 and not valid[13:].any()

@@ -40,9 +40,9 @@ def _config(root):
 
 def _eval_by_index(root, split):
     c = _config(root)
-    ds, info, num_batches = pipeline.build_eval_dataset(c.data, split, local_batch=4)
+    raw, info, num_batches = pipeline.build_eval_dataset(c.data, split, local_batch=4)
     out = {}
-    for batch in ds.take(num_batches).as_numpy_iterator():
+    for batch in raw.dataset.take(num_batches).as_numpy_iterator():
         for i in np.flatnonzero(batch["valid"]):
             out[int(batch["index"][i])] = (batch["image"][i], batch["labels"][i])
     return out, info

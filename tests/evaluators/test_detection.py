@@ -104,7 +104,7 @@ def test_centernet_loss_matches_reference():
 def test_class_selection():
     import ml_collections
     from medvlp_jax.evaluators.detection import class_ids, class_names_of
-    from medvlp_jax.evaluators.segmentation import LocalizedSplit
+    from medvlp_jax.evaluators.localized import LocalizedSplit
     split = LocalizedSplit(split="x", ids=["a", "b"], index=np.arange(2), images=np.zeros((2, 4, 4, 1)),
                            reports=["", ""], names=[["opacity", "effusion"], ["nodule"]], phrases=[[], []],
                            boxes=[np.zeros((2, 4)), np.zeros((1, 4))], masks=[np.zeros((2, 4, 4)), np.zeros((1, 4, 4))])

@@ -7,7 +7,8 @@ from tests.evaluators.conftest import eval_cfg
 
 
 def test_train_stream_covers_subset_each_epoch(syn_run, syn_data):
-    from medvlp_jax.evaluators import eval_config, finetune, read_split_fields
+    from medvlp_jax.data.fields import read_split_fields
+    from medvlp_jax.evaluators import eval_config, finetune
     config = eval_config(syn_run, eval_cfg())
     subset = np.array([1, 5, 6, 9, 12, 20, 21, 30, 33, 40, 41, 47, 50, 55, 60, 63])
 
@@ -36,7 +37,8 @@ def test_image_variables_are_the_image_tower(syn_run):
 
 
 def test_evaluate_on_synthetic_run(syn_run):
-    from medvlp_jax.evaluators import get, linear_probe as lp, read_split_fields
+    from medvlp_jax.data.fields import read_split_fields
+    from medvlp_jax.evaluators import get, linear_probe as lp
     before = jax.tree.map(np.asarray, syn_run.variables["params"]["image"])
     cfg = eval_cfg(fractions=(0.1, 1.0), lr=2e-3, weight_decay=1e-4, epochs=3, patience=3, task="auto", seed=5)
     res = get("finetune")(syn_run, cfg)

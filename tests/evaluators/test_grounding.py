@@ -33,7 +33,7 @@ def test_map_peaking_inside_the_box_scores_well():
 
 
 def _split(phrases, names, boxes, size=8):
-    from medvlp_jax.evaluators.segmentation import LocalizedSplit
+    from medvlp_jax.evaluators.localized import LocalizedSplit
     n = len(phrases)
     return LocalizedSplit(split="test", ids=[f"i{k}" for k in range(n)], index=np.arange(n),
                           images=np.zeros((n, size, size, 1), np.float32), reports=[""] * n, names=names,
@@ -131,7 +131,7 @@ def test_evaluate_rewards_a_map_that_finds_the_box(syn_run, monkeypatch):
     import ml_collections
     from medvlp_jax import evaluators
     from medvlp_jax.evaluators import grounding
-    from medvlp_jax.evaluators.segmentation import read_localized_split
+    from medvlp_jax.evaluators.localized import read_localized_split
 
     config = evaluators.eval_config(syn_run, ml_collections.ConfigDict(dict(data=evaluators.default_data())))
     split = read_localized_split(config, "test")
@@ -176,7 +176,7 @@ def test_objective_maps_are_also_scored_as_cosine_maps(syn_run):
         assert res[f"cosine/{k}"] == pytest.approx(cosine[k])
     # The corner map points at the top-left patch's centre ((0.5 / 4) of the crop on the 4x4 grid): a hit
     # exactly when one of the phrase's boxes holds that point (the crop's opacity box starts at 0.0625).
-    from medvlp_jax.evaluators.segmentation import read_localized_split
+    from medvlp_jax.evaluators.localized import read_localized_split
     split = read_localized_split(evaluators.eval_config(syn_run, cfg), "test")
     hits = [any(b[0] <= 0.125 <= b[2] and b[1] <= 0.125 <= b[3] for b in q.boxes)
             for q in grounding.phrase_queries(split)]

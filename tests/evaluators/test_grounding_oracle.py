@@ -6,7 +6,7 @@ Maps built from the ground truth at an encoder's grid size go through the evalua
 score as an oracle does; the same maps flipped left-right, flipped up-down or transposed must score at or
 below the pointing game's chance. The oracle is computed by this file's own area averaging from a source
 independent of the box path under test: the evaluation image's pixels or the stored finding masks (both
-decoded by ``pipeline.decode_image``), never the boxes (mapped into the crop by ``crop_boxes``). A wrong box
+decoded by ``decode.decode_image``), never the boxes (mapped into the crop by ``crop_boxes``). A wrong box
 transform, a transposed or flipped grid, a shifted upsampling or a wrongly drawn box therefore fails here.
 
 The fixture is built for that: stored images are not square (72x96 and 96x72, so the resize pads one axis
@@ -197,7 +197,7 @@ def _cfg(split: str, **fields):
 
 def _read(run, split: str):
     from medvlp_jax import evaluators
-    from medvlp_jax.evaluators.segmentation import read_localized_split
+    from medvlp_jax.evaluators.localized import read_localized_split
     return read_localized_split(evaluators.eval_config(run, _cfg(split)), split)
 
 

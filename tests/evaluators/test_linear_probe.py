@@ -96,7 +96,8 @@ def test_perfect_features_give_perfect_scores(syn_run, monkeypatch, multiclass):
 
 
 def test_evaluate_on_synthetic_run(syn_run):
-    from medvlp_jax.evaluators import get, linear_probe as lp, read_split_fields
+    from medvlp_jax.data.fields import read_split_fields
+    from medvlp_jax.evaluators import get, linear_probe as lp
     cfg = probe_cfg(fractions=(0.1, 0.5, 1.0), epochs=20, seed=3)
     res = get("linear_probe")(syn_run, cfg)
     assert res["protocol/task"] == "multilabel" and res["protocol/seed"] == 3

@@ -9,15 +9,15 @@ from medvlp_jax import metrics
 
 
 def test_crop_boxes_follows_the_pipeline_geometry():
-    """A box drawn into a non-square image lands where ``pipeline.decode_image`` puts its pixels."""
+    """A box drawn into a non-square image lands where ``decode.decode_image`` puts its pixels."""
     import tensorflow as tf
-    from medvlp_jax.data import pipeline
-    from medvlp_jax.evaluators.segmentation import crop_boxes
+    from medvlp_jax.data import decode
+    from medvlp_jax.evaluators.localized import crop_boxes
     h, w, resize, crop = 30, 50, 40, 32
     box = np.array([[0.2, 0.1, 0.8, 0.5]])             # ymin, xmin, ymax, xmax of the stored image
     img = np.zeros((h, w, 1), np.uint8)
     img[6:24, 5:25] = 255                                # rows 0.2*30..0.8*30, cols 0.1*50..0.5*50
-    out = pipeline.decode_image(tf, tf.io.encode_png(img), resize=resize, crop=crop, channels=1, train=False,
+    out = decode.decode_image(tf, tf.io.encode_png(img), resize=resize, crop=crop, channels=1, train=False,
                                 seed=tf.constant([0, 0], tf.int64), random_flip=False).numpy()[..., 0] > 0
     rows, cols = np.flatnonzero(out.any(axis=1)), np.flatnonzero(out.any(axis=0))
     got = crop_boxes(box, h, w, resize, crop)[0] * crop
@@ -56,7 +56,7 @@ def test_segmentation_loss_matches_reference_and_ignores_padding():
 
 
 def test_fraction_subset_is_seeded_by_image_id():
-    from medvlp_jax.evaluators.segmentation import balance_negatives, fraction_key, fraction_subset
+    from medvlp_jax.evaluators.localized import balance_negatives, fraction_key, fraction_subset
     ids = [f"img{i // 2}" for i in range(200)]            # two rows per image id
     a = fraction_subset(ids, 0.1, seed=42)
     assert len(a) == 20 and len({ids[i] for i in a}) == 10           # 10% of the 100 ids, all their rows
@@ -77,7 +77,7 @@ def test_decoder_learns_a_mask_its_features_encode():
     """Features that say which grid cell is foreground are enough for the decoder to reach Dice ~1."""
     import jax
     from medvlp_jax import sharding as sharding_lib
-    from medvlp_jax.evaluators import segmentation as seg
+    from medvlp_jax.evaluators import dense, segmentation as seg
     mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1}, jax.devices()[:2])
     rng = np.random.default_rng(0)
     n, g, size = 48, 4, 16
@@ -85,12 +85,12 @@ def test_decoder_learns_a_mask_its_features_encode():
     masks = np.kron(cells, np.ones((size // g, size // g))).astype(np.float32)     # [n, 16, 16] blocky masks
     feat = np.concatenate([cells[..., None] * 2.0 - 1.0, rng.normal(size=(n, g, g, 3)) * 0.1], -1).astype(np.float32)
     head = seg.ProgressiveDecoder(out_size=(size, size), widths=(16, 8))
-    params = seg.init_head(head, (g, g, feat.shape[-1]), seed=0)
+    params = dense.init_head(head, (g, g, feat.shape[-1]), seed=0)
 
     def loss_fn(p, frozen, b):
         return seg.segmentation_loss(head.apply({"params": p}, b["feat"])[..., 0], b["mask"], b["valid"])
 
-    trainer = seg.HeadTrainer(loss_fn, mesh=mesh, learning_rate=1e-2, weight_decay=0.0)
+    trainer = dense.HeadTrainer(loss_fn, mesh=mesh, learning_rate=1e-2, weight_decay=0.0)
     fit = trainer.fit(params, {"feat": feat[:32], "mask": masks[:32]}, {"feat": feat[32:], "mask": masks[32:]},
                       batch_size=16, epochs=20, patience=20, seed=0)
     probs = jax.jit(lambda p, x: jax.nn.sigmoid(head.apply({"params": p}, x)[..., 0]))(fit.params, feat[32:])
@@ -103,7 +103,7 @@ def test_localized_split_masks_match_boxes(syn_data):
     """Synthetic masks are their boxes: mask decoding and box geometry must agree pixel for pixel."""
     import ml_collections
     from medvlp_jax.data.sources import synthetic
-    from medvlp_jax.evaluators.segmentation import read_localized_split
+    from medvlp_jax.evaluators.localized import read_localized_split
     config = ml_collections.ConfigDict(dict(data=dict(root=syn_data, resize=40, crop=32, channels=1)))
     split = read_localized_split(config, "test")
     assert len(split) == 32 and split.images.shape == (32, 32, 32, 1)
@@ -154,6 +154,6 @@ def test_evaluate_with_finetuned_encoder(syn_run):
 
 def test_upsample2x_equals_bilinear_resize():
     import jax
-    from medvlp_jax.evaluators.segmentation import upsample2x
+    from medvlp_jax.evaluators.dense import upsample2x
     x = np.random.default_rng(0).normal(size=(2, 5, 3, 4)).astype(np.float32)
     np.testing.assert_allclose(upsample2x(x), jax.image.resize(x, (2, 10, 6, 4), "bilinear"), atol=1e-6)
