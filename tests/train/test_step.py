@@ -15,9 +15,10 @@ def _close_trees(a, b, rtol=2e-4, atol=2e-5):
 
 @pytest.mark.slow
 def test_sharded_step_equals_single_device():
-    """Default runs get the same check, on the same ConVIRT :test config, batches and meshes, from
-    tests/methods/test_all_methods_step.py::test_sharded_train_step_equals_single_device[convirt-test] (which also
-    asserts that the fsdp rule shards something): kept here as a slow duplicate."""
+    """The same check, on the same ConVIRT :test config, batches and meshes, as
+    tests/methods/test_all_methods_step.py::test_sharded_train_step_equals_single_device[convirt-test] (also
+    slow; the default run checks the whole step on ConVIRT-ResNet and every objective alone): a slow
+    duplicate."""
     config = helpers.load_config("convirt")
     batches = [helpers.random_batch(config, 8, seed=s) for s in range(2)]
     p1, h1, _, _ = helpers.run_steps(config, (1, 1), batches)
