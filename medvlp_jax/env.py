@@ -118,19 +118,28 @@ class _QuietTensorFlowImport:
     ``filtered_stderr(TF_IMPORT_NOISE)``, then removes itself.
 
     TF costs ~5 s to import; launchers that stop on a configuration error before reading data never pay it.
+    A mere ``importlib.util.find_spec("tensorflow")`` (libraries probing for TF) executes nothing and leaves
+    the finder in place.
     """
 
+    def __init__(self):
+        self._finding = False
+
     def find_spec(self, name, path=None, target=None):
-        if name != "tensorflow":
+        if name != "tensorflow" or self._finding:
             return None
-        self.remove()
         import importlib.util
-        spec = importlib.util.find_spec(name)
+        self._finding = True
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._finding = False
         if spec is None or spec.loader is None or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "") == "0":
             return spec
         real_exec = spec.loader.exec_module
 
         def exec_module(module):
+            self.remove()
             with filtered_stderr(TF_IMPORT_NOISE):
                 real_exec(module)
         spec.loader.exec_module = exec_module

@@ -111,6 +111,7 @@ def test_tensorflow_imported_after_quiet_startup_prints_no_banner():
     the first import wherever it happens, here the data pipeline's, after JAX's first device query; a plain
     import in the same environment prints the banner, so the filter is what hides it."""
     code = ("from medvlp_jax import env; env.quiet_startup(); import sys; assert 'tensorflow' not in sys.modules; "
+            "import importlib.util; assert importlib.util.find_spec('tensorflow')  # a probe imports nothing\n"
             "import jax; jax.devices(); from medvlp_jax.data import pipeline; tf = pipeline.import_tf(); "
             "assert tf.constant(1).numpy() == 1")
     quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_clean_env(), cwd=ROOT,

@@ -217,6 +217,9 @@ def run(config, workdir: str, *, end_of_run_eval: EndOfRunEval | None = None, st
         preemption.close()
 
     results: dict[str, Any] = {"train": last_metrics, "steps": step}
+    if config.train.get("eval_at_end", True) and end_of_run_eval is None:
+        log.info("no end-of-run evaluation: run() was given no end_of_run_eval (launch/pretrain.py passes "
+                 "medvlp_jax.evaluators.quick.evaluate_state)")
     if config.train.get("eval_at_end", True) and end_of_run_eval is not None:
         results["eval"] = end_of_run_eval(config, s, state, tokenizer)
         if is_main:
