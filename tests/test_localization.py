@@ -70,8 +70,10 @@ def test_gloria_maps_point_into_the_blobs(blobs_root, tmp_path):
     # The same command (seed 0) is not bit-reproducible across runs on this CPU: two runs of 2026-12-06 gave
     # CNR 1.219 (alone) and 0.895 (beside another job), pointing game 0.521 / 0.495. GLoRIA's two softmaxes
     # keep its maps nearly flat (methods/gloria.py), so CNR sits near 1; 0.5 keeps a margin below that spread
-    # and still fails for maps no brighter in the blob than around it (CNR <= 0). Cause of the run-to-run
-    # difference not yet found.
+    # and still fails for maps no brighter in the blob than around it (CNR <= 0). Likely cause of the run-to-run
+    # difference (found 2026-12-07, not yet confirmed here): data/tokenizer.train_wordpiece (Hugging Face's
+    # WordPiece trainer) gives a different vocabulary on every run, so each freshly prepared blob world
+    # tokenizes its reports differently.
     assert res["cnr"] > 0.5, res
 
 
