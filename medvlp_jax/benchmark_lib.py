@@ -179,7 +179,7 @@ def _build(config, devices: Sequence[jax.Device], materialize: bool = True) -> d
     setup = build(config, sharding_lib.make_mesh(config.mesh, devices), steps_per_epoch=1000, total_steps=10_000)
     state = setup.init_state() if materialize else setup.abstract_sharded()
     return {"model": setup.model, "objective": setup.objective, "state": state, "step": setup.jit_train_step(),
-            "mesh": setup.mesh, "setup": setup}
+            "mesh": setup.mesh}
 
 
 def unrolled_config(config):

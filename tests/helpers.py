@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import jax
 import numpy as np
@@ -50,23 +49,15 @@ def run_steps(config, mesh_shape: tuple[int, int], batches, *, steps_per_epoch: 
     Returns (final params as numpy, list of per-step metrics as floats).
     """
     from medvlp_jax import sharding as sharding_lib
-    from medvlp_jax.methods import make_objective
-    from medvlp_jax.models.dual_encoder import build_model
-    from medvlp_jax.train import optim, state as state_lib, step as step_lib
+    from medvlp_jax.train.setup import build
     n = mesh_shape[0] * mesh_shape[1]
     config = config.copy_and_resolve_references()
     config.mesh.data, config.mesh.fsdp = mesh_shape
+    config.seed = 0
     mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:n])
-    model = build_model(config.model)
-    objective = make_objective(config.method, steps_per_epoch=steps_per_epoch)
-    tx, schedule = optim.make_optimizer(config.optim, total_steps=100)
-    init = state_lib.make_init_fn(config, model, objective, tx, init_batch_size=8)
-    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-    shardings = state_lib.state_shardings(config, abstract, mesh)
-    state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
-    step = step_lib.jit_train_step(step_lib.make_train_step(model, objective, tx, schedule,
-                                                            grad_accum_steps=config.optim.grad_accum_steps),
-                                   shardings, sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh))
+    setup = build(config, mesh, steps_per_epoch=steps_per_epoch, total_steps=100, init_batch_size=8)
+    state = setup.init_state()
+    step = setup.jit_train_step()
     history = []
     for b in batches:
         state, metrics = step(state, sharding_lib.to_global(b, mesh))

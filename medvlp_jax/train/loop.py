@@ -153,7 +153,7 @@ def run(config, workdir: str, *, end_of_run_eval: EndOfRunEval | None = None, st
     host_iter = pipeline.make_train_iter(config, tokenizer, start_step=start, process_index=jax.process_index(),
                                          process_count=jax.process_count())
     batches = host_batches.Prefetcher(host_iter, lambda b: sharding_lib.to_global(b, mesh),
-                                  depth=config.data.get("prefetch", 2))
+                                      depth=config.data.get("prefetch", 2))
     train_step = s.jit_train_step()
 
     writer = logging_lib.MetricWriter(workdir, enabled=is_main, resume_step=start)
@@ -220,7 +220,7 @@ def run(config, workdir: str, *, end_of_run_eval: EndOfRunEval | None = None, st
     if config.train.get("eval_at_end", True) and end_of_run_eval is None:
         log.info("no end-of-run evaluation: run() was given no end_of_run_eval (launch/pretrain.py passes "
                  "medvlp_jax.evaluators.quick.evaluate_state)")
-    if config.train.get("eval_at_end", True) and end_of_run_eval is not None:
+    elif config.train.get("eval_at_end", True):
         results["eval"] = end_of_run_eval(config, s, state, tokenizer)
         if is_main:
             with open(os.path.join(workdir, "eval_results.json"), "w") as f:

@@ -63,10 +63,10 @@ class Setup:
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract,
                             self.shardings)
 
-    def jit_train_step(self, objective: Objective | None = None):
-        """The jitted train step (``objective``: another objective with the same parameters, e.g. a variant)."""
+    def jit_train_step(self):
+        """The jitted train step: explicit shardings for state and batch, the state donated."""
         c = self.config
-        train_step = step_lib.make_train_step(self.model, objective or self.objective, self.tx, self.schedule,
+        train_step = step_lib.make_train_step(self.model, self.objective, self.tx, self.schedule,
                                               grad_accum_steps=c.optim.grad_accum_steps,
                                               prng_impl=c.train.get("prng_impl", "threefry2x32"))
         return step_lib.jit_train_step(train_step, self.shardings, sharding_lib.batch_sharding(self.mesh),

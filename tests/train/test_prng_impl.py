@@ -48,17 +48,13 @@ def test_dropout_masks_are_iid_bernoulli_and_reproducible(impl):
 
 def _run(config, impl, batches):
     from medvlp_jax import sharding as sharding_lib
-    from medvlp_jax.methods import make_objective
-    from medvlp_jax.models.dual_encoder import build_model
-    from medvlp_jax.train import optim, state as state_lib
+    from medvlp_jax.train.setup import build
+    config = config.copy_and_resolve_references()
+    config.seed, config.train.prng_impl = 0, impl
     mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
-    model = build_model(config.model)
-    objective = make_objective(config.method, steps_per_epoch=10)
-    tx, schedule = optim.make_optimizer(config.optim, total_steps=100)
-    init = state_lib.make_init_fn(config, model, objective, tx, init_batch_size=8)
-    shardings = state_lib.state_shardings(config, jax.eval_shape(init, jax.random.PRNGKey(0)), mesh)
-    state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
-    step = jax.jit(step_lib.make_train_step(model, objective, tx, schedule, prng_impl=impl))
+    setup = build(config, mesh, steps_per_epoch=10, total_steps=100, init_batch_size=8)
+    state = setup.init_state()
+    step = setup.jit_train_step()
     losses = []
     for b in batches:
         state, metrics = step(state, sharding_lib.to_global(b, mesh))
