@@ -46,6 +46,8 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
+from medvlp_jax.types import LossContext
+
 # Dense bf16 peak FLOP/s per chip (vendor data sheets). TPU device_kind strings: "TPU v4", "TPU v5 lite" (v5e),
 # "TPU v5p" / "TPU v5", "TPU v6 lite" (v6e). GPU kinds contain the product name ("NVIDIA H100 80GB HBM3").
 PEAK_BF16_FLOPS: list[tuple[str, str, float]] = [
@@ -286,7 +288,7 @@ def objective_cost(config, *, devices: Optional[Sequence[jax.Device]] = None, st
         def loss_fn(method_params, d, a, batch, step):
             o = assemble(d, a)
             teacher = jax.tree.map(jax.lax.stop_gradient, o) if obj.ema_decay is not None else None
-            loss, _ = obj.loss(method_params, o, batch, step, rng=jax.random.PRNGKey(0), teacher_out=teacher)
+            loss, _ = obj.loss(method_params, o, batch, LossContext(step, jax.random.PRNGKey(0), teacher))
             return loss
         traced = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1))).trace(*args)
         return traced.lower().compile(), traced.jaxpr

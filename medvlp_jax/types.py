@@ -55,3 +55,18 @@ class EncoderOutputs:
     word_feat: Array
     grid: tuple[int, int] = flax.struct.field(pytree_node=False, default=(1, 1))
     grid_centres: Optional[tuple] = flax.struct.field(pytree_node=False, default=None)
+
+
+@flax.struct.dataclass
+class LossContext:
+    """What an objective may know about the step besides the parameters, the encoder outputs and the batch.
+
+    Attributes:
+      step: [] int32 optimizer step (schedules are functions of it; a Python int outside jit).
+      rng: the step's PRNG key (threefry uint32[2]), or None where nothing random is drawn.
+      teacher_out: the EMA encoders' stop-gradient outputs on the same batch when ``Objective.ema_decay`` is
+        set, else None.
+    """
+    step: Any
+    rng: Optional[Array] = None
+    teacher_out: Optional[EncoderOutputs] = None

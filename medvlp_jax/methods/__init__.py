@@ -4,19 +4,21 @@ Every method module registers a factory ``make(method_cfg, *, steps_per_epoch) -
 The train step calls, inside one jit:
 
     method_params = objective.prepare_params(method_params)          # e.g. MGCA prototype renormalisation
-    loss, metrics = objective.loss(method_params, out, batch, step, rng=rng, teacher_out=teacher_out)
+    loss, metrics = objective.loss(method_params, out, batch, LossContext(step, rng, teacher_out))
 
 ``Objective`` fields:
   init(rng, out) -> method params pytree ({} when the method has no learnable parts); ``out`` is an
       EncoderOutputs (shapes only matter).
-  loss(method_params, out, batch, step, *, rng, teacher_out) -> (loss [], {name: []}); pure, jittable;
-      ``step`` is the traced int32 optimizer step (schedules are functions of it).
+  loss(method_params, out, batch, ctx) -> (loss [], {name: []}); pure, jittable; ``ctx`` is a
+      ``types.LossContext``: the traced int32 optimizer step (schedules are functions of it), the step's rng
+      and the EMA teacher's outputs (None unless ``ema_decay`` is set).
   prepare_params(method_params) -> method_params, applied before the forward, outside the gradient.
   trainable(step) -> pytree of bool scalars matching method params (False: no update, no decay,
-      optimizer moments kept), or None when always trainable.
+      optimizer moments kept), or None when always trainable. Declared here, applied by the optimiser
+      (``train.optim.freeze_untrainable``, an optax transform), so the train step never sees it.
   similarity_maps(method_params, out) -> [b, t, p] word-to-patch maps for grounding/pictures, or None.
-  ema_decay: if set, the train state keeps an EMA copy of the encoders and ``teacher_out`` is their
-      (stop-gradient) outputs on the same batch; otherwise ``teacher_out`` is None.
+  ema_decay: if set, the train state keeps an EMA copy of the encoders and ``ctx.teacher_out`` is their
+      (stop-gradient) outputs on the same batch; otherwise ``ctx.teacher_out`` is None.
   update_state(method_params, metrics) -> (method_params, metrics), or None: after a finite optimiser
       step, carries running statistics that the loss reported as (non-scalar) metrics into the method
       params, without gradient (e.g. PLAN's running map prior); it removes the metrics it consumes. Such

@@ -73,7 +73,7 @@ import jax
 import jax.numpy as jnp
 
 from medvlp_jax.methods import OBJECTIVES, Objective, common, local_ops
-from medvlp_jax.types import Array, Batch, EncoderOutputs
+from medvlp_jax.types import Array, Batch, EncoderOutputs, LossContext
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,8 +306,8 @@ def make(cfg, *, steps_per_epoch: int) -> Objective:
         ctx = jnp.zeros((1, d), jnp.float32)
         return {"lang_gate": lang.init(k_l, q, ctx)["params"], "vis_gate": vis.init(k_v, q, ctx)["params"]}
 
-    def loss(method_params, out: EncoderOutputs, batch: Batch, step, *, rng=None, teacher_out=None):
-        del step, rng, teacher_out
+    def loss(method_params, out: EncoderOutputs, batch: Batch, ctx: LossContext):
+        del ctx
         gates = gates_for(out)
         b = out.img_emb.shape[0]
         valid = batch.get("valid", jnp.ones((b,), bool))

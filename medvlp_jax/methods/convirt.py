@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from medvlp_jax.methods import OBJECTIVES, Objective, common
+from medvlp_jax.types import LossContext
 
 
 def temperature_param_init(tau: float):
@@ -36,8 +37,8 @@ def make(cfg, *, steps_per_epoch: int) -> Objective:
         del rng, out
         return temperature_param_init(cfg.temperature) if cfg.get("learn_temperature", False) else {}
 
-    def loss(method_params, out, batch, step, *, rng=None, teacher_out=None):
-        del step, rng, teacher_out
+    def loss(method_params, out, batch, ctx: LossContext):
+        del ctx
         tau = temperature_of(method_params, cfg)
         total, i2t, t2i, logits = common.infonce(
             out.img_emb, out.txt_emb, tau, batch.get("valid"),

@@ -69,7 +69,7 @@ import jax
 import jax.numpy as jnp
 
 from medvlp_jax.methods import OBJECTIVES, Objective, common, local_ops
-from medvlp_jax.types import Array, Batch, EncoderOutputs
+from medvlp_jax.types import Array, Batch, EncoderOutputs, LossContext
 
 COS_EPS = 1e-8  # GLoRIA's cosine clamp
 
@@ -369,8 +369,8 @@ def make(cfg, *, steps_per_epoch: int) -> Objective:
         del rng, out
         return {}
 
-    def loss(method_params, out: EncoderOutputs, batch: Batch, step, *, rng=None, teacher_out=None):
-        del method_params, step, rng, teacher_out
+    def loss(method_params, out: EncoderOutputs, batch: Batch, ctx: LossContext):
+        del method_params, ctx
         b = out.img_emb.shape[0]
         valid = batch.get("valid", jnp.ones((b,), bool))
         return gloria_loss(out, valid, settings, uncounted_words(batch, b))

@@ -78,7 +78,7 @@ import jax
 import jax.numpy as jnp
 
 from medvlp_jax.methods import OBJECTIVES, Objective, common, local_ops
-from medvlp_jax.types import Array, Batch, EncoderOutputs
+from medvlp_jax.types import Array, Batch, EncoderOutputs, LossContext
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,11 +292,10 @@ def make(cfg, *, steps_per_epoch: int) -> Objective:
     def trainable(step):
         return {"prototypes": jnp.asarray(step) >= freeze_steps}
 
-    def loss(method_params, out: EncoderOutputs, batch: Batch, step, *, rng=None, teacher_out=None):
-        del rng, teacher_out
+    def loss(method_params, out: EncoderOutputs, batch: Batch, ctx: LossContext):
         valid = batch.get("valid", jnp.ones(out.img_emb.shape[:1], bool))
         total, metrics = mgca_loss(method_params, out, valid, settings)
-        metrics["prototypes/trainable"] = (jnp.asarray(step) >= freeze_steps).astype(jnp.float32)
+        metrics["prototypes/trainable"] = (jnp.asarray(ctx.step) >= freeze_steps).astype(jnp.float32)
         return total, metrics
 
     def similarity_maps(method_params, out: EncoderOutputs) -> Array:

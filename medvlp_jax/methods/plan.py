@@ -86,7 +86,7 @@ import jax
 import jax.numpy as jnp
 
 from medvlp_jax.methods import OBJECTIVES, Objective, common, local_ops
-from medvlp_jax.types import Array, Batch, EncoderOutputs
+from medvlp_jax.types import Array, Batch, EncoderOutputs, LossContext
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,15 +344,15 @@ def make(cfg, *, steps_per_epoch: int) -> Objective:
         step = jnp.asarray(step)
         return 1 + sum((step >= s).astype(jnp.int32) for s in starts) if starts else jnp.asarray(1, jnp.int32)
 
-    def loss(method_params, out: EncoderOutputs, batch: Batch, step, *, rng=None, teacher_out=None):
-        del rng
+    def loss(method_params, out: EncoderOutputs, batch: Batch, ctx: LossContext):
+        teacher_out = ctx.teacher_out
         if any(s.teacher_prior for s in specs) and teacher_out is None:
             raise ValueError("PLAN stage 3 needs teacher_out (the EMA encoders' outputs), but it is None: set "
                              "method.ema_decay (Objective.ema_decay) so that the train state keeps an EMA "
                              "teacher, or disable stage 3 with method.stage3_start_epoch = None.")
         b = out.img_emb.shape[0]
         valid = batch.get("valid", jnp.ones((b,), bool))
-        step = jnp.asarray(step)
+        step = jnp.asarray(ctx.step)
         stage = stage_of(step)
         l_itc, i2t, t2i, _ = common.infonce(local_ops.wide(out.img_emb), local_ops.wide(out.txt_emb),
                                             settings.itc_temperature, valid,

@@ -80,7 +80,7 @@ import jax
 import jax.numpy as jnp
 
 from medvlp_jax.methods import OBJECTIVES, Objective, common, local_ops
-from medvlp_jax.types import Array, Batch, EncoderOutputs
+from medvlp_jax.types import Array, Batch, EncoderOutputs, LossContext
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,11 +303,11 @@ def make(cfg, *, steps_per_epoch: int) -> Objective:
         del rng, out
         return {}
 
-    def loss(method_params, out: EncoderOutputs, batch: Batch, step, *, rng=None, teacher_out=None):
-        del method_params, rng, teacher_out
+    def loss(method_params, out: EncoderOutputs, batch: Batch, ctx: LossContext):
+        del method_params
         b = out.img_emb.shape[0]
         valid = batch.get("valid", jnp.ones((b,), bool))
-        active = jnp.asarray(step) >= warmup_steps
+        active = jnp.asarray(ctx.step) >= warmup_steps
         sim = report_similarity(out, batch, settings)
         fn = false_negative_mask(sim, valid, settings.fn_threshold, active)
         l_sia, i2t, t2i = sia_loss(local_ops.wide(out.img_emb), local_ops.wide(out.txt_emb),

@@ -83,6 +83,7 @@ def build(config, mesh: Mesh, *, steps_per_epoch: int, total_steps: int, init_ba
     model = build_model(config.model)
     objective = make_objective(config.method, steps_per_epoch=steps_per_epoch)
     tx, schedule = optim.make_optimizer(config.optim, total_steps)
+    tx = optim.freeze_objective_leaves(tx, objective)   # the objective declares what is frozen when
     init = state_lib.make_init_fn(config, model, objective, tx, init_batch_size=init_batch_size or mesh.size)
     rng = jax.random.PRNGKey(config.seed)
     abstract = jax.eval_shape(init, rng)

@@ -3,8 +3,9 @@
     state, metrics = train_step(state, batch)
 
 Inside: objective-owned parameter preparation (outside the gradient), optional EMA-teacher forward,
-forward + objective + gradient (optionally accumulated over micro-batches with lax.scan), AdamW update,
-per-leaf freezing from ``objective.trainable(step)``, a finiteness guard (a non-finite loss or gradient
+forward + objective + gradient (optionally accumulated over micro-batches with lax.scan), the optimiser
+update (``tx.update(..., step=step)``: AdamW, and the objective's frozen leaves when it declares any,
+``train.optim.freeze_untrainable``), a finiteness guard (a non-finite loss or gradient
 leaves params, optimiser and BatchNorm state untouched and is counted), the objective's running-statistics
 update (``objective.update_state``, finite steps only) and the EMA update.
 """
@@ -17,35 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from medvlp_jax.train.state import TrainState
-
-
-def _freeze(trainable, params, new_params, opt_state, new_opt_state):
-    """Keeps frozen leaves (params and their optimiser moments) as they were.
-
-    ``trainable`` is a tree of bool scalars shaped like params["method"]. Optimiser state subtrees with the
-    structure of params are found by treedef and filtered the same way.
-    """
-    full_mask = {"encoders": jax.tree.map(lambda _: jnp.asarray(True), params["encoders"]), "method": trainable}
-    mask_leaves = jax.tree.leaves(full_mask)
-    params_def = jax.tree.structure(params)
-
-    def keep(new, old):
-        leaves_new, leaves_old = jax.tree.leaves(new), jax.tree.leaves(old)
-        return jax.tree.unflatten(params_def, [jnp.where(m, a, b) for m, a, b in
-                                               zip(mask_leaves, leaves_new, leaves_old)])
-
-    def walk(new, old):
-        if jax.tree.structure(new) == params_def:
-            return keep(new, old)
-        if isinstance(new, (tuple, list)) and not hasattr(new, "_fields"):
-            return type(new)(walk(a, b) for a, b in zip(new, old))
-        if hasattr(new, "_fields"):   # NamedTuple optimiser states
-            return type(new)(*(walk(a, b) for a, b in zip(new, old)))
-        if isinstance(new, dict):
-            return {k: walk(new[k], old[k]) for k in new}
-        return new
-
-    return keep(new_params, params), walk(new_opt_state, opt_state)
+from medvlp_jax.types import LossContext
 
 
 def _all_finite(tree) -> jax.Array:
@@ -90,7 +63,7 @@ def make_train_step(model, objective, tx: optax.GradientTransformation, schedule
             out, new_model_state = model.apply(variables, batch, train=True, rngs=rngs, mutable=mutable)
         else:
             out, new_model_state = model.apply(variables, batch, train=True, rngs=rngs), {}
-        loss, metrics = objective.loss(params["method"], out, batch, step, rng=rng, teacher_out=teacher_out)
+        loss, metrics = objective.loss(params["method"], out, batch, LossContext(step, rng, teacher_out))
         return loss, (metrics, dict(new_model_state))
 
     grad_fn = jax.value_and_grad(forward_loss, has_aux=True)
@@ -132,11 +105,9 @@ def make_train_step(model, objective, tx: optax.GradientTransformation, schedule
             metrics = jax.tree.map(lambda m: m * scale, metrics)
 
         finite = jnp.isfinite(loss) & _all_finite(grads)
-        updates, new_opt_state = tx.update(grads, state.opt_state, params)
+        tx_step = optax.with_extra_args_support(tx)      # freeze_untrainable reads the step
+        updates, new_opt_state = tx_step.update(grads, state.opt_state, params, step=step)
         new_params = optax.apply_updates(params, updates)
-        if objective.trainable is not None:
-            new_params, new_opt_state = _freeze(objective.trainable(step), params, new_params,
-                                                state.opt_state, new_opt_state)
         new_params = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_params, params)
         new_opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_opt_state, state.opt_state)
         new_model_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_model_state, state.model_state)

@@ -10,6 +10,7 @@ import pytest
 
 from medvlp_jax.methods import OBJECTIVES, aga, common, make_objective
 from medvlp_jax.types import EncoderOutputs
+from medvlp_jax.types import LossContext
 
 B, T, P, D = 4, 7, 5, 6
 N_WORDS = (3, 4, 1, 5)           # slot 0 = [CLS], 1..n = words, n + 1 = [SEP], rest padding
@@ -50,7 +51,7 @@ def random_params(obj, out, seed=0, scale=0.5):
 
 @functools.lru_cache(maxsize=None)
 def jitted_loss(obj):
-    return jax.jit(lambda prm, o, batch: obj.loss(prm, o, batch, 0))
+    return jax.jit(lambda prm, o, batch: obj.loss(prm, o, batch, LossContext(0)))
 
 
 def run(obj, params, out, batch=None):
@@ -298,7 +299,7 @@ def test_cross_bcga_matches_numpy_chunking_is_exact_and_gradients_match_finite_d
         def loss_fn(obj):
             def f(prm, img, txt, words, patches):
                 o = out.replace(img_emb=img, txt_emb=txt, word_emb=words, patch_emb=patches)
-                return obj.loss(prm, o, batch, 0)
+                return obj.loss(prm, o, batch, LossContext(0))
             return f
 
         args = (params, out.img_emb, out.txt_emb, out.word_emb, out.patch_emb)
@@ -351,7 +352,7 @@ def test_gradients_match_finite_differences():
 
         def f(prm, img, txt, words, patches):
             o = out.replace(img_emb=img, txt_emb=txt, word_emb=words, patch_emb=patches)
-            return obj.loss(prm, o, {}, 0)[0]
+            return obj.loss(prm, o, {}, LossContext(0))[0]
 
         _, (g, *_) = assert_grads_match_finite_differences(
             f, (params, out.img_emb, out.txt_emb, out.word_emb, out.patch_emb))
@@ -452,7 +453,7 @@ def test_pair_bcga_gradients_match_finite_differences():
         assert float(jnp.abs(g_prm["lang_gate"]["out"]["bias"]).sum()) > 0
         # Within-pair group terms only: the global embeddings get no gradient from the whole objective.
         obj = objective(bcga_mode="pair", lambda_itc=0.0)
-        loss = lambda img, txt: obj.loss(params, out.replace(img_emb=img, txt_emb=txt), {}, 0)[0]
+        loss = lambda img, txt: obj.loss(params, out.replace(img_emb=img, txt_emb=txt), {}, LossContext(0))[0]
         g_img, g_txt = jax.grad(loss, argnums=(0, 1))(out.img_emb, out.txt_emb)
         assert float(jnp.abs(g_img).sum()) == 0.0 and float(jnp.abs(g_txt).sum()) == 0.0
 

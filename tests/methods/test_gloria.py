@@ -9,6 +9,7 @@ import pytest
 
 from medvlp_jax.methods import OBJECTIVES, gloria, make_objective
 from medvlp_jax.types import EncoderOutputs
+from medvlp_jax.types import LossContext
 from tests.helpers import assert_trees_close
 
 B, T, P, D = 4, 7, 6, 5
@@ -54,7 +55,7 @@ def objective(**kw):
 
 @functools.lru_cache(maxsize=None)
 def _jitted(obj):
-    return jax.jit(lambda o, batch: obj.loss({}, o, batch, 0))    # one compile per objective and shape
+    return jax.jit(lambda o, batch: obj.loss({}, o, batch, LossContext(0)))    # one compile per objective and shape
 
 
 def run(obj, out, batch=None):
@@ -167,7 +168,7 @@ def test_fixed_switches_match_reference():
 def _loss_fn(obj, out):
     def f(word_emb, patch_emb, img_emb, txt_emb):
         o = out.replace(word_emb=word_emb, patch_emb=patch_emb, img_emb=img_emb, txt_emb=txt_emb)
-        return obj.loss({}, o, {}, 0)[0]
+        return obj.loss({}, o, {}, LossContext(0))[0]
     return f
 
 

@@ -8,6 +8,7 @@ import numpy as np
 
 from medvlp_jax.methods import OBJECTIVES, make_objective, mgca
 from medvlp_jax.types import EncoderOutputs
+from medvlp_jax.types import LossContext
 from tests.helpers import assert_trees_close
 
 B, T, P, D, K = 4, 7, 6, 5, 8
@@ -62,7 +63,7 @@ def objective(**kw):
 
 @functools.lru_cache(maxsize=None)
 def _jitted(obj):
-    return jax.jit(lambda params, o, batch, step: obj.loss(params, o, batch, step))
+    return jax.jit(lambda params, o, batch, step: obj.loss(params, o, batch, LossContext(step)))
 
 
 def run(obj, out, protos, batch=None, step=100):
@@ -236,7 +237,8 @@ def test_batch_local_negatives_match_reference_and_chunking_is_exact():
 
     def f(obj):
         def loss(word_emb, patch_emb):
-            return obj.loss({"prototypes": protos}, out.replace(word_emb=word_emb, patch_emb=patch_emb), {}, 0)[0]
+            return obj.loss({"prototypes": protos}, out.replace(word_emb=word_emb, patch_emb=patch_emb), {},
+                            LossContext(0))[0]
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
     v0, g0 = f(objective(local_negatives="batch", local_chunk=None))(out.word_emb, out.patch_emb)
@@ -255,7 +257,7 @@ def test_gradients_match_finite_differences_float64():
 
         def f(img, txt, patch, word):
             o = out.replace(img_emb=img, txt_emb=txt, patch_emb=patch, word_emb=word)
-            return obj.loss({"prototypes": protos}, o, {}, 0)[0]
+            return obj.loss({"prototypes": protos}, o, {}, LossContext(0))[0]
 
         args = (out.img_emb, out.txt_emb, out.patch_emb, out.word_emb)
         vg = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))
@@ -276,7 +278,7 @@ def test_cpa_gradient_treats_codes_as_constants():
     obj = objective(lambda_ita=0.0, lambda_cta=0.0)
 
     def f(img, txt, c):
-        return obj.loss({"prototypes": c}, out.replace(img_emb=img, txt_emb=txt), {}, 0)[0]
+        return obj.loss({"prototypes": c}, out.replace(img_emb=img, txt_emb=txt), {}, LossContext(0))[0]
 
     g_img, g_txt, g_c = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(out.img_emb, out.txt_emb, protos)
     img, txt, C = (np.asarray(x, np.float64) for x in (out.img_emb, out.txt_emb, protos))
@@ -396,13 +398,14 @@ def test_train_step_leaves_prototypes_untouched_until_the_configured_step():
     import optax
 
     from medvlp_jax.train.state import TrainState
+    from medvlp_jax.train import optim
     from medvlp_jax.train.step import make_train_step
 
     out = random_outputs(14)
     obj = objective()
     enc = {"img": out.img_emb, "txt": out.txt_emb, "patch": out.patch_emb, "word": out.word_emb}
     params = {"encoders": enc, "method": obj.init(jax.random.PRNGKey(1), out)}
-    tx = optax.adamw(1e-2, weight_decay=0.05)
+    tx = optim.freeze_objective_leaves(optax.adamw(1e-2, weight_decay=0.05), obj)   # as train.setup.build
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state={}, opt_state=tx.init(params),
                        rng=jax.random.PRNGKey(0), ema_params=None, nonfinite_steps=jnp.zeros((), jnp.int32))
     batch = {"word_mask": out.word_mask, "slot_mask": out.slot_mask, "word_attn": out.word_attn,

@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from medvlp_jax import sharding as sharding_lib
 from medvlp_jax.methods import OBJECTIVES
 from medvlp_jax.train.setup import build
+from medvlp_jax.types import LossContext
 from tests import helpers
 
 BATCH = 8
@@ -40,8 +41,8 @@ def _loss_and_grads(objective):
                   if isinstance(v, jax.Array) and jnp.issubdtype(v.dtype, jnp.floating)}
 
         def loss(mp, fl):
-            return objective.loss(objective.prepare_params(mp), out.replace(**fl), batch, jnp.int32(STEP),
-                                  rng=jax.random.PRNGKey(7), teacher_out=teacher)
+            return objective.loss(objective.prepare_params(mp), out.replace(**fl), batch,
+                                  LossContext(jnp.int32(STEP), jax.random.PRNGKey(7), teacher))
         (value, metrics), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(method_params, floats)
         return value, metrics, grads
     return f

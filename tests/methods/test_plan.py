@@ -11,6 +11,7 @@ import pytest
 
 from medvlp_jax.methods import OBJECTIVES, make_objective, plan
 from medvlp_jax.types import EncoderOutputs
+from medvlp_jax.types import LossContext
 
 B, T, P, D = 5, 7, 6, 5
 N_WORDS = (3, 5, 2, 4, 1)        # slot 0 = [CLS], 1..n = words, n + 1 = [SEP], rest padding
@@ -56,7 +57,7 @@ def objective(**kw):
 
 @functools.lru_cache(maxsize=None)
 def jitted_loss(obj):
-    return jax.jit(lambda o, batch, step, t: obj.loss({}, o, batch, step, teacher_out=t))
+    return jax.jit(lambda o, batch, step, t: obj.loss({}, o, batch, LossContext(step, teacher_out=t)))
 
 
 def run(obj, out, step, teacher=None, batch=None):
@@ -247,7 +248,8 @@ def test_chunked_equals_unchunked_and_gradients_match_finite_differences():
         def loss_fn(chunk):
             obj = objective(text_chunk=chunk, ns_entropy=entropy_quantile_eta(out))
             return lambda img, txt, w, p: obj.loss(
-                {}, out.replace(img_emb=img, txt_emb=txt, word_emb=w, patch_emb=p), {}, step, teacher_out=teacher)[0]
+                {}, out.replace(img_emb=img, txt_emb=txt, word_emb=w, patch_emb=p), {},
+                LossContext(step, teacher_out=teacher))[0]
 
         args = (out.img_emb, out.txt_emb, out.word_emb, out.patch_emb)
         v_full, g_full = jax.jit(jax.value_and_grad(loss_fn(None), argnums=(0, 1, 2, 3)))(*args)
@@ -278,7 +280,7 @@ def test_chunked_gradient_never_builds_a_full_batch_local_tensor():
     b, t, p, d = 6, 5, 7, 4
     out = random_outputs(3, b=b, t=t, p=p, d=d, n_words=(2, 3, 1, 3, 2, 1))
     f = lambda chunk: lambda w, pt: objective(text_chunk=chunk).loss(
-        {}, out.replace(word_emb=w, patch_emb=pt), {}, 20, teacher_out=out)[0]
+        {}, out.replace(word_emb=w, patch_emb=pt), {}, LossContext(20, teacher_out=out))[0]
     sizes = {c: _max_intermediate_size(jax.make_jaxpr(jax.grad(f(c), argnums=(0, 1)))(out.word_emb, out.patch_emb).jaxpr)
              for c in (None, 2)}
     assert sizes[None] >= b * b * t * p                       # the reference path does build it ...
@@ -291,13 +293,13 @@ def test_stage3_without_teacher_raises_and_ema_decay_is_set():
     assert obj.ema_decay == 0.999
     assert objective(ema_decay=0.99).ema_decay == 0.99
     with pytest.raises(ValueError, match="ema_decay"):
-        jax.jit(lambda o: obj.loss({}, o, {}, 0, teacher_out=None))(out)
+        jax.jit(lambda o: obj.loss({}, o, {}, LossContext(0)))(out)
     with pytest.raises(ValueError, match="ema_decay"):
         objective(ema_decay=None)
     # Without stage 3 no teacher is needed.
     no3 = objective(stage3_start_epoch=None, ema_decay=None)
     assert no3.ema_decay is None
-    total, m = jax.jit(lambda o: no3.loss({}, o, {}, 100, teacher_out=None))(out)
+    total, m = jax.jit(lambda o: no3.loss({}, o, {}, LossContext(100)))(out)
     assert float(m["plan/stage"]) == 2 and np.isfinite(float(total))
 
 
@@ -362,7 +364,7 @@ def test_config_validation_and_registration():
 
 @functools.lru_cache(maxsize=None)
 def jitted_loss_with_params(obj):
-    return jax.jit(lambda prm, o, batch, step, t: obj.loss(prm, o, batch, step, teacher_out=t))
+    return jax.jit(lambda prm, o, batch, step, t: obj.loss(prm, o, batch, LossContext(step, teacher_out=t)))
 
 
 def run_p(obj, prm, out, step, teacher=None, batch=None):
@@ -450,6 +452,7 @@ def test_train_step_carries_the_running_prior_without_gradient():
 
     from medvlp_jax import sharding as sharding_lib
     from medvlp_jax.train.state import TrainState
+    from medvlp_jax.train import optim
     from medvlp_jax.train.step import make_train_step
 
     b = 8                                                         # one row per (fake CPU) device
@@ -458,7 +461,8 @@ def test_train_step_carries_the_running_prior_without_gradient():
                     running_prior_momentum=0.8)
     enc = {"img": out.img_emb, "txt": out.txt_emb, "patch": out.patch_emb, "word": out.word_emb}
     params = {"encoders": enc, "method": obj.init(jax.random.PRNGKey(1), out)}
-    tx = optax.adamw(1e-2, weight_decay=0.5)                      # decay would show if the prior were optimised
+    # decay would show if the prior were optimised; frozen as train.setup.build freezes it
+    tx = optim.freeze_objective_leaves(optax.adamw(1e-2, weight_decay=0.5), obj)
     state0 = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state={}, opt_state=tx.init(params),
                         rng=jax.random.PRNGKey(0), ema_params=None, nonfinite_steps=jnp.zeros((), jnp.int32))
     batch = {"word_mask": out.word_mask, "slot_mask": out.slot_mask, "word_attn": out.word_attn,
@@ -469,7 +473,7 @@ def test_train_step_carries_the_running_prior_without_gradient():
     for _ in range(3):
         prior = np.asarray(state.params["method"]["map_prior"])
         o = _FakeModel().apply({"params": state.params["encoders"]}, batch)
-        _, m = obj.loss(state.params["method"], o, batch, state.step)
+        _, m = obj.loss(state.params["method"], o, batch, LossContext(state.step))
         state, metrics = step(state, batch)
         want = 0.8 * prior + 0.2 * np.asarray(m["plan/map_batch"])
         np.testing.assert_allclose(state.params["method"]["map_prior"], want, rtol=1e-5, atol=1e-7)

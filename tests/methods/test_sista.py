@@ -7,6 +7,7 @@ import pytest
 
 from medvlp_jax.methods import OBJECTIVES, make_objective, sista
 from medvlp_jax.types import EncoderOutputs
+from medvlp_jax.types import LossContext
 
 B, T, P, D = 5, 8, 6, 5
 N_WORDS = (3, 5, 2, 6, 4)        # words per report: slot 0 = [CLS], 1..n = words, n + 1 = [SEP], rest padding
@@ -47,7 +48,7 @@ def objective(**kw):
 
 
 def run(obj, out, batch=None, step=100):
-    return jax.jit(lambda o, s: obj.loss({}, o, batch or {}, s))(out, step)
+    return jax.jit(lambda o, s: obj.loss({}, o, batch or {}, LossContext(s)))(out, step)
 
 
 def assert_grads_match_finite_differences(f, args, eps=1e-6, n_dirs=2, rtol=1e-5, atol=1e-7, seed=0):
@@ -225,7 +226,7 @@ def test_total_is_weighted_sum():
 def test_warmup_switches_at_configured_step():
     out = with_near_duplicates(random_outputs(5))
     obj = objective(sia_warmup_epochs=1.5)                             # 15 steps at 10 steps per epoch
-    f = jax.jit(lambda s: obj.loss({}, out, {}, s))
+    f = jax.jit(lambda s: obj.loss({}, out, {}, LossContext(s)))
     x = to_np(out)
     sim = np_report_sim(x["txt_emb"])
     valid = np.ones(B, bool)
@@ -285,9 +286,9 @@ def test_gradients_match_finite_differences(kw):
 
         def f(img, txt, words, patches):
             o = out.replace(img_emb=img, txt_emb=txt, word_emb=words, patch_emb=patches)
-            return obj.loss({}, o, {"report_sim_emb": sim_emb}, 10)[0]
+            return obj.loss({}, o, {"report_sim_emb": sim_emb}, LossContext(10))[0]
 
-        _, m = obj.loss({}, out, {"report_sim_emb": sim_emb}, 10)
+        _, m = obj.loss({}, out, {"report_sim_emb": sim_emb}, LossContext(10))
         assert float(m["sia/false_negative_fraction"]) > 0
         assert_grads_match_finite_differences(f, (out.img_emb, out.txt_emb, out.word_emb, out.patch_emb))
 
@@ -375,7 +376,7 @@ def test_sta_patch_to_word_gradients_match_finite_differences():
         obj = objective(sta_direction="both", lambda_sia=0.0)
 
         def f(words, patches):
-            return obj.loss({}, out.replace(word_emb=words, patch_emb=patches), {}, 10)[0]
+            return obj.loss({}, out.replace(word_emb=words, patch_emb=patches), {}, LossContext(10))[0]
 
         _, (gw, gp) = assert_grads_match_finite_differences(f, (out.word_emb, out.patch_emb))
         assert float(jnp.abs(gw).sum()) > 0 and float(jnp.abs(gp).sum()) > 0
@@ -437,6 +438,6 @@ def test_sta_batch_negatives_gradients_match_finite_differences():
         obj = objective(sta_negatives="batch", sta_chunk=2, lambda_sia=0.0)
 
         def f(words, patches):
-            return obj.loss({}, out.replace(word_emb=words, patch_emb=patches), {}, 10)[0]
+            return obj.loss({}, out.replace(word_emb=words, patch_emb=patches), {}, LossContext(10))[0]
 
         assert_grads_match_finite_differences(f, (out.word_emb, out.patch_emb))

@@ -140,8 +140,8 @@ POISON = 5
 def _nan_on_record(cfg, *, steps_per_epoch):
     base = OBJECTIVES.get("convirt")(cfg, steps_per_epoch=steps_per_epoch)
 
-    def loss(params, out, batch, step, *, rng, teacher_out):
-        value, metrics = base.loss(params, out, batch, step, rng=rng, teacher_out=teacher_out)
+    def loss(params, out, batch, ctx):
+        value, metrics = base.loss(params, out, batch, ctx)
         return jnp.where(jnp.any(batch["index"] == cfg.poison_index), jnp.nan, value), metrics
 
     return base._replace(name="convirt_nan_on_record", loss=loss)
