@@ -15,7 +15,6 @@ import dataclasses
 from typing import Any, Optional
 
 from medvlp_jax.errors import ConfigError
-from medvlp_jax.models.heads import HEAD_KINDS
 
 # ---- encoder presets (sizes; the config's fields override them) ----
 VIT_B16 = dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072, image_size=224)   # the papers'
@@ -113,6 +112,7 @@ class ProjConfig:
     word_bias: bool = True
 
     def __post_init__(self):
+        from medvlp_jax.models.heads import HEAD_KINDS     # here: config_lib imports this module without flax
         for role in HEAD_ROLES:
             if self.kind_of(role) not in HEAD_KINDS:
                 raise ValueError(f"config.model.proj: unknown kind {self.kind_of(role)!r} for the {role} head; "
