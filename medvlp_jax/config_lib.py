@@ -1,7 +1,8 @@
 """Config helpers: ``parse_arg`` for ``configs/<method>.py:<variant>``, the shared base config, validation.
 
 Every ``configs/<method>.py`` calls ``base(variant)`` for the data/model/optimiser/mesh/checkpoint defaults
-of the variant, then sets ``config.method``. Variants, each a named preset below:
+of the variant, then sets ``config.method`` with ``method_config`` (only the fields whose value differs
+from the method's settings dataclass, plus the defaults it shows). Variants, each a named preset below:
 
   PAPER   (no variant) the paper's setup, every field of the base config: MIMIC-CXR, ViT-B/16 at 224,
           BERT-base (Bio_ClinicalBERT) at 112 tokens, batch 144.
@@ -15,6 +16,7 @@ Extra ``key=value`` pairs after the variant set fields: ``configs/mgca.py:demo,i
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from typing import Any
 
@@ -209,6 +211,35 @@ def base(variant: str = "paper", image: str = "") -> ml_collections.ConfigDict:
         from medvlp_jax.data.sources.demo_iu import PROMPTS
         tree["evals"]["prompts"] = {k: list(v) for k, v in PROMPTS.items()}
     return ml_collections.ConfigDict(tree)
+
+
+def setting_defaults(settings_cls, *fields: str) -> dict[str, Any]:
+    """``{field: default}`` for the named fields of the frozen settings dataclass ``settings_cls``.
+
+    How a config shows a field at its default (so that ``--config.<...>.<field>=...`` can override it and the
+    run's config.json records it) without writing the value a second time. A name that is not a field of
+    ``settings_cls`` is a ConfigError.
+    """
+    known = {f.name: f for f in dataclasses.fields(settings_cls)}
+    for name in fields:
+        if name not in known:
+            raise ConfigError(f"{settings_cls.__name__} has no field {name!r}; known: {sorted(known)}")
+    return {name: known[name].default if known[name].default is not dataclasses.MISSING
+            else known[name].default_factory() for name in fields}
+
+
+def method_config(name: str, settings_cls, *shown: str, **values: Any) -> ml_collections.ConfigDict:
+    """``config.method`` for method ``name``: what a ``configs/<name>.py`` sets.
+
+    Args:
+      name: the method's name in ``OBJECTIVES``.
+      settings_cls: the dataclass that the method's ``make`` reads ``config.method`` into
+        (``methods.local_ops.read_config``): the one home of every default.
+      *shown: fields shown at their ``settings_cls`` default (``setting_defaults``).
+      **values: the fields this config sets to something else (in some or all variants).
+    """
+    setting_defaults(settings_cls, *values)         # every set name must be a field too
+    return ml_collections.ConfigDict(dict(name=name, **{**setting_defaults(settings_cls, *shown), **values}))
 
 
 def steps_per_epoch(config, num_train_examples: int) -> int:
