@@ -11,6 +11,7 @@ Adam lr 5e-5, L2 1e-6, clip 0.25, batch 48. The paper trained on CheXpert's priv
 (this default) is MGCA's retraining on MIMIC-CXR. The demo keeps GLoRIA's heads on the demo encoders.
 """
 from medvlp_jax import config_lib
+from medvlp_jax.methods.gloria import GloriaConfig
 
 
 def get_config(arg=None):
@@ -24,24 +25,24 @@ def get_config(arg=None):
         c.train.batch_size = 48
         c.optim.update(lr=5e-5, weight_decay=1e-6, clip_norm=0.25, warmup_fraction=0.0)
     c.model.text.sum_last_layers = 4 if c.model.text.depth >= 4 else 1
-    c.model.text.merge_word_pieces = True
+    # Word pieces merged into words: as the base (model.text.merge_word_pieces).
     # GLoRIA's projections: image global Linear, patch 1x1 conv without bias, text/word identity, no L2 norm.
     c.model.proj.update(kind="linear", dim=c.model.text.width, normalize=False, patch_bias=False,
                         text_kind="identity", word_kind="identity")
-    m = c.method
-    m.name = "gloria"
-    m.temp1, m.temp2, m.temp3 = 4.0, 5.0, 10.0   # attention sharpening, word aggregation, logit scale
-    m.attention = "words_then_regions"   # authors: softmax over words, then regions; "regions": the paper's one
-    m.local_weight = 1.0
-    m.global_weight = 1.0
-    m.local_agg = "sum"                 # log-sum-exp over words (authors' code; no 1/temp2 as in the paper)
-    m.count_unk_words = False           # authors' quirk: an [UNK] word keeps its slot but is not counted,
-                                        # so the text's last real word leaves the local term
-    m.include_cls_word = True           # authors' quirk: [CLS] counted as a word, [SEP] dropped
-    m.include_sep_word = False
-    m.report_vector = "mean_all_slots"  # authors' quirk: report vector = mean over all slots incl. padding
-    m.paper_local_scale = False
-    m.text_chunk = 8                    # texts per chunk of the b x b local term (memory O(chunk*b*t*p))
+    # Every field shown at GloriaConfig's defaults (the authors' code).
+    c.method = config_lib.method_config(
+        "gloria", GloriaConfig,
+        "temp1", "temp2", "temp3",  # attention sharpening, word aggregation, logit scale
+        "attention",                # authors: softmax over words, then regions; "regions": the paper's one
+        "local_weight", "global_weight",
+        "local_agg",                # log-sum-exp over words (authors' code; no 1/temp2 as in the paper)
+        "count_unk_words",          # authors' quirk: an [UNK] word keeps its slot but is not counted,
+                                    # so the text's last real word leaves the local term
+        "include_cls_word",         # authors' quirk: [CLS] counted as a word, [SEP] dropped
+        "include_sep_word",
+        "report_vector",            # authors' quirk: report vector = mean over all slots incl. padding
+        "paper_local_scale",
+        "text_chunk")               # texts per chunk of the b x b local term (memory O(chunk*b*t*p))
     if arg.variant == "demo":
         # The b x b word-region term costs more than the demo's small encoders (about half of the CPU step):
         # 400 steps keep the demo under 10 minutes on 2 cores.

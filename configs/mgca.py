@@ -16,28 +16,29 @@ off-by-one word weights) are fixed by default and reproduced with --config.model
 authors' code, in every mode.
 """
 from medvlp_jax import config_lib
+from medvlp_jax.methods.mgca import MgcaConfig
+from medvlp_jax.models.model_config import TextConfig
 
 
 def get_config(arg=None):
     arg = config_lib.parse_arg(arg, image="")   # "": the variant's default encoder
     c = config_lib.base(arg.variant, image=arg.image)
-    c.model.proj.update(kind="mlp_bn", hidden=2048 if arg.variant == "paper" else 256)
-    c.model.text.word_attn_shift = 0          # 1: the authors' off-by-one word weights (quirk 2)
+    c.model.proj.kind = "mlp_bn"              # MGCA's heads in every variant (the paper base has them already)
+    c.model.text.update(config_lib.setting_defaults(
+        TextConfig, "word_attn_shift"))       # shown at 0; 1: the authors' off-by-one word weights (quirk 2)
     c.model.text.full_length_tail = "drop"    # authors: a full-length report loses its last word and [SEP]
-    m = c.method
-    m.name = "mgca"
-    m.temperature = 0.07            # tau_g (ITA)
-    m.local_temperature = 0.1       # tau_l (CTA)
-    m.proto_temperature = 0.2       # tau_p (CPA)
-    m.num_prototypes = {"paper": 500, "demo": 64, "test": 8}[arg.variant]
-    m.epsilon = 0.05
-    m.sinkhorn_iterations = 3
-    m.freeze_prototypes_epochs = 1.0
-    m.lambda_ita, m.lambda_cta, m.lambda_cpa = 1.0, 1.0, 1.0
-    m.weight_quantiles = (0.1, 0.9)
-    m.word_slots = "all"            # authors: padding and [SEP] act as word-side negatives
-    m.patch_context_norm = "auto"   # authors: attended word vector normalised for CNNs only
-    m.ita_reduce = "sum"            # authors: sum of both CE directions
-    m.local_negatives = "pair"      # authors: token losses within each pair
-    m.local_chunk = 16              # samples per chunk of the "batch" local negatives (memory; None = one block)
+    # Shown at MgcaConfig's defaults (the authors' values); only the prototype count differs (demo, test).
+    c.method = config_lib.method_config(
+        "mgca", MgcaConfig,
+        "temperature",          # tau_g (ITA)
+        "local_temperature",    # tau_l (CTA)
+        "proto_temperature",    # tau_p (CPA)
+        "num_prototypes", "epsilon", "sinkhorn_iterations", "freeze_prototypes_epochs",
+        "lambda_ita", "lambda_cta", "lambda_cpa", "weight_quantiles",
+        "word_slots",           # authors: padding and [SEP] act as word-side negatives
+        "patch_context_norm",   # authors: attended word vector normalised for CNNs only
+        "ita_reduce",           # authors: sum of both CE directions
+        "local_negatives",      # authors: token losses within each pair
+        "local_chunk",          # samples per chunk of the "batch" local negatives (memory; None = one block)
+        **{"demo": dict(num_prototypes=64), "test": dict(num_prototypes=8)}.get(arg.variant, {}))
     return c

@@ -12,33 +12,37 @@ ResNet image encoder: ``image=resnet`` gives ResNet-50 with the 224 crop upsampl
 361 regions, pooled layer4), as GLoRIA and MGCA-R50 (config_lib.base).
 """
 from medvlp_jax import config_lib
+from medvlp_jax.methods.plan import PlanConfig
 
 
 def get_config(arg=None):
     arg = config_lib.parse_arg(arg, image="")   # "": the variant's default encoder
     c = config_lib.base(arg.variant, image=arg.image)
-    m = c.method
-    m.name = "plan"
-    m.itc_temperature = 0.07
-    m.tau_w_stage2 = 0.1            # [I] word->patch softmax temperature in stage 2
-    m.tau_w_stage3 = 0.05           # [I] sharper maps in stage 3
-    m.tau_agg = 5.0                 # [I] word aggregation (GLoRIA-style log-sum-exp)
-    m.tau_r = 0.1                   # [I] local logit temperature
-    m.word_weights = "mgca"         # [I] noise suppression of function words via attention weights
-    # Stage boundaries in epochs: paper schedule 0-9 / 10-29 / 30-49 of 50 epochs.
-    epochs = {"paper": (10.0, 30.0), "demo": (1.0, 3.0), "test": (0.0, 0.0)}[arg.variant]
-    m.stage2_start_epoch, m.stage3_start_epoch = epochs
-    m.loc_ramp_epochs = 2.0 if arg.variant == "paper" else 0.5
-    m.lambda_loc = 1.0
-    m.lambda_cons = 0.1             # [I] KL(teacher maps || student maps) weight in stage 3
-    m.ns_rel_threshold = 0.3        # [I] zero map entries below 0.3 x the word's max
-    m.ns_entropy = 0.9              # [I] drop words whose map entropy exceeds 0.9 log P
-    m.prior_gamma = 0.5             # [I] A <- normalise(A * teacher^gamma)
-    m.ema_decay = 0.999 if arg.variant == "paper" else 0.99
-    m.pixel_importance = 0.0        # [I] beta of the pixel-importance prior on the soft maps (0: off)
-    m.running_prior_gamma = 0.0     # [I] gamma_r of the running map prior refined every step (0: off)
-    m.running_prior_momentum = 0.99  # [I] mu of that running prior
-    m.text_chunk = 8                # reports per chunk of the cross-sample local term (memory)
+    # Stage boundaries in epochs: PlanConfig's defaults are the paper schedule 0-9 / 10-29 / 30-49 of 50 epochs
+    # (local ramp 2 epochs, EMA teacher 0.999); the demo and test variants scale them to their short runs.
+    short = {"demo": dict(stage2_start_epoch=1.0, stage3_start_epoch=3.0, loc_ramp_epochs=0.5, ema_decay=0.99),
+             "test": dict(stage2_start_epoch=0.0, stage3_start_epoch=0.0, loc_ramp_epochs=0.5, ema_decay=0.99)}
+    # Shown at PlanConfig's defaults ([I]: reconstructed choices).
+    c.method = config_lib.method_config(
+        "plan", PlanConfig,
+        "itc_temperature",
+        "tau_w_stage2",             # [I] word->patch softmax temperature in stage 2
+        "tau_w_stage3",             # [I] sharper maps in stage 3
+        "tau_agg",                  # [I] word aggregation (GLoRIA-style log-sum-exp)
+        "tau_r",                    # [I] local logit temperature
+        "word_weights",             # [I] noise suppression of function words via attention weights
+        "stage2_start_epoch", "stage3_start_epoch", "loc_ramp_epochs",
+        "lambda_loc",
+        "lambda_cons",              # [I] KL(teacher maps || student maps) weight in stage 3
+        "ns_rel_threshold",         # [I] zero map entries below 0.3 x the word's max
+        "ns_entropy",               # [I] drop words whose map entropy exceeds 0.9 log P
+        "prior_gamma",              # [I] A <- normalise(A * teacher^gamma)
+        "ema_decay",
+        "pixel_importance",         # [I] beta of the pixel-importance prior on the soft maps (0: off)
+        "running_prior_gamma",      # [I] gamma_r of the running map prior refined every step (0: off)
+        "running_prior_momentum",   # [I] mu of that running prior
+        "text_chunk",               # reports per chunk of the cross-sample local term (memory)
+        **short.get(arg.variant, {}))
     if arg.variant == "demo":
         # Stages 2-3 (the cross-sample word-to-pixel term) double the CPU step: 350 steps (~7 epochs) keep the
         # demo under 10 minutes on 2 cores.

@@ -1,23 +1,29 @@
 """Config helpers: ``parse_arg`` for ``configs/<method>.py:<variant>``, the shared base config, validation.
 
 Every ``configs/<method>.py`` calls ``base(variant)`` for the data/model/optimiser/mesh/checkpoint defaults
-of the variant, then sets ``config.method``. Variants:
+of the variant, then sets ``config.method`` with ``method_config`` (only the fields whose value differs
+from the method's settings dataclass, plus the defaults it shows). Variants, each a named preset below:
 
-  (none)  the paper's setup: MIMIC-CXR, ViT-B/16 at 224, BERT-base (Bio_ClinicalBERT) at 112 tokens, batch 144.
-  demo    the built-in demo data (IU reports + rendered radiographs), a small ResNet (``image=vit``: the tiny
-          ViT) and a 2-layer BERT, minutes on a CPU.
-  test    the demo shapes shrunk further: seconds; used by the test suite.
+  PAPER   (no variant) the paper's setup, every field of the base config: MIMIC-CXR, ViT-B/16 at 224,
+          BERT-base (Bio_ClinicalBERT) at 112 tokens, batch 144.
+  DEMO    (demo) what differs from PAPER: the built-in demo data (IU reports + rendered radiographs), a small
+          ResNet (``image=vit``: the tiny ViT) and a 2-layer BERT, minutes on a CPU.
+  TEST    (test) what differs from DEMO: the demo shapes shrunk further: seconds; used by the test suite.
 
+The image encoder (``IMAGE_PRESETS``, sizes from ``models.model_config``) is chosen per variant and ``image``.
 Extra ``key=value`` pairs after the variant set fields: ``configs/mgca.py:demo,image=vit``.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 from typing import Any
 
 import ml_collections
 
 from medvlp_jax.errors import ConfigError  # noqa: F401  (re-exported; defined in the bottom layer)
+from medvlp_jax.models import model_config
 
 VARIANTS = ("paper", "demo", "test")
 
@@ -65,14 +71,124 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(out)
 
 
-def _vit(size: str) -> dict[str, Any]:
-    return {
-        "tiny": dict(name="vit", patch_size=16, width=192, depth=4, num_heads=3, mlp_dim=768),
-        "test": dict(name="vit", patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64),
-        "b16": dict(name="vit", patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072),
-    }[size]
+# ---- the paper setup: every field of the base config, set once ----
+PAPER: dict[str, Any] = dict(
+    variant="paper",
+    seed=0,
+    # Prepared TFRecord shards (launch/prepare_data.py).
+    data=dict(
+        name="mimic_cxr",
+        root="data/mimic_cxr",
+        train_split="train",
+        eval_split="test",
+        tokenizer_dir="checkpoints/Bio_ClinicalBERT",
+        max_text_len=112,
+        resize=256,                 # resize the stored image to this
+        crop=224,                   # random crop (train) / center crop (eval)
+        channels=3,                 # grayscale replicated for ImageNet stems
+        random_flip=False,          # MGCA uses no flips (a flip swaps left/right findings in the report)
+        shuffle_buffer=10_000,
+        skip_bad_records=False,     # True: corrupt records are counted and skipped, not fatal
+        prefetch=2,                 # host-side batches prepared ahead of the step
+        # Shard files are split into this many streams (0: one per process). A fixed value (e.g. 2) gives the
+        # same global batches on any process count that divides it, so runs resume across process counts.
+        num_streams=0,
+        auto_prepare=False,         # True: the run prepares its own data on first run (the demo)
+    ),
+    # config.model: fields and their meaning in models/model_config.py; the image encoder comes from
+    # IMAGE_PRESETS (its image_size and channels from data.crop and data.channels).
+    model=dict(
+        image=dict(hf_checkpoint="", pool="cls"),   # global image feature: [CLS] as the papers
+        # Bio_ClinicalBERT, first 6 layers (MGCA).
+        text=dict(vocab_size=28996, width=768, depth=6, num_heads=12, mlp_dim=3072, max_position=512,
+                  type_vocab_size=2, layer_norm_eps=1e-12, dropout=0.1, use_position_ids=True,
+                  merge_word_pieces=True, sum_last_layers=1, pool="cls",
+                  hf_checkpoint="checkpoints/Bio_ClinicalBERT"),
+        proj=dict(kind="mlp_bn", dim=128, hidden=2048),
+        dtype="float32",            # compute dtype; "bfloat16" keeps float32 master weights
+        remat=False,                # jax.checkpoint per encoder block (fits larger batches)
+        fusion_barrier="auto",      # "auto": on for XLA:CPU (models/fusion_barrier.py); "on" / "off"
+    ),
+    # MGCA: AdamW 2e-5, wd 0.05, 40% linear warm-up then cosine, per step.
+    optim=dict(lr=2e-5, min_lr=1e-8, weight_decay=0.05, b1=0.9, b2=0.999, warmup_fraction=0.4, clip_norm=1.0,
+               grad_accum_steps=1),
+    # Training length, logging, checkpoints.
+    train=dict(
+        batch_size=144,             # global batch
+        epochs=50,
+        total_steps=-1,             # -1: derive from epochs
+        log_every_steps=50,
+        ckpt_every_steps=1000,
+        keep_ckpts=3,
+        nonfinite="skip",           # "skip": drop the update and count it; "stop": raise with step + record ids
+        # Generator of the dropout bits (train/step.py PRNG_IMPLS). threefry2x32 = the state key itself, as all
+        # earlier runs; philox4x32 was ~0.5% faster on CPU at the paper config (docs/benchmarks.md), rbg slower.
+        prng_impl="threefry2x32",
+        eval_at_end=True,
+    ),
+    mesh=dict(data=-1, fsdp=1),     # -1: all remaining devices
+    # First matching regex wins. 'fsdp' shards the largest dim divisible by the fsdp axis size.
+    param_sharding=[(r".*(kernel|embedding|prototypes)", "fsdp"), (r".*", "replicate")],
+    method=dict(),                  # set by configs/<method>.py (method_config)
+    # Zero-shot prompts per class for the end-of-run evaluation (class name itself when absent).
+    evals=dict(),
+)
+
+# ---- the demo: what differs from PAPER ----
+DEMO: dict[str, Any] = dict(
+    variant="demo",
+    data=dict(name="demo_iu", root="data/demo_iu", tokenizer_dir="data/demo_iu/tokenizer", max_text_len=64,
+              resize=146, crop=128, channels=1, shuffle_buffer=2_048,
+              auto_prepare=True),   # the demo prepares its own data on first run
+    model=dict(
+        # The small demo models learn much faster from mean-pooled patches than from [CLS].
+        image=dict(pool="gap"),
+        text=dict(vocab_size=3000, width=128, depth=2, num_heads=2, mlp_dim=512, max_position=128, dropout=0.0,
+                  pool="mean", hf_checkpoint=""),
+        proj=dict(kind="linear", hidden=256),
+    ),
+    optim=dict(lr=1e-3, weight_decay=1e-4, warmup_fraction=0.1),
+    train=dict(batch_size=64, epochs=0, total_steps=700, log_every_steps=25, ckpt_every_steps=100),
+)
+
+# ---- the test variant: what differs from DEMO (the demo shapes shrunk further) ----
+TEST: dict[str, Any] = dict(
+    variant="test",
+    data=dict(root="", tokenizer_dir="tokenizer", max_text_len=16, resize=40, crop=32, shuffle_buffer=64,
+              auto_prepare=False),  # tests point data.root and data.tokenizer_dir at data they prepared
+    model=dict(text=dict(vocab_size=500, width=32, depth=1, num_heads=2, mlp_dim=64), proj=dict(dim=16)),
+    train=dict(batch_size=8, total_steps=6, log_every_steps=2, ckpt_every_steps=3),
+)
 
 
+def merged(base_tree: dict[str, Any], *overrides: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``base_tree`` with each of ``overrides`` deep-merged onto it in turn.
+
+    An override may only set keys that ``base_tree`` has (so every variant has the same fields); a dict
+    value merges into the dict it replaces, anything else replaces the value.
+    """
+    out = copy.deepcopy(base_tree)
+    for override in overrides:
+        for key, value in override.items():
+            if key not in out:
+                raise KeyError(f"preset sets {key!r}, which the base config does not have; known: {sorted(out)}")
+            out[key] = merged(out[key], value) if isinstance(value, dict) and out[key] else copy.deepcopy(value)
+    return out
+
+
+VARIANT_PRESETS = {"paper": PAPER, "demo": merged(PAPER, DEMO), "test": merged(PAPER, DEMO, TEST)}
+
+# The image encoder of each variant (config.model.image, less the fields set above): sizes from the models'
+# presets. ResNet: the papers' 224 crop is upsampled to 299 (GLoRIA); the local grid is layer3 (stride 16, the
+# papers; "layer2": stride 8).
+IMAGE_PRESETS = {
+    "paper": {"vit": dict(name="vit", **model_config.VIT_B16),
+              "resnet": dict(name="resnet50", **model_config.RESNET50, resize_to=299, local_stage="layer3")},
+    "demo": {"vit": dict(name="vit", **model_config.VIT_TINY),
+             "resnet": dict(name="resnet50", **model_config.RESNET_DEMO, resize_to=0, local_stage="layer3")},
+    "test": {"vit": dict(name="vit", **model_config.VIT_TEST),
+             "resnet": dict(name="resnet50", **model_config.RESNET_TEST, resize_to=0, local_stage="layer3")},
+}
 # Image encoder per variant when a config does not choose one. The demo uses the small ResNet: on 3,142 rendered
 # images and minutes of CPU the convolutional net learns the small findings much faster than the tiny ViT
 # (ConVIRT demo, 500 steps: test R@1 2.0% vs 0.8%, R@10 22.7% vs 9.7%) and its step is ~1.7x cheaper.
@@ -87,95 +203,43 @@ def base(variant: str = "paper", image: str = "") -> ml_collections.ConfigDict:
     image = image or DEFAULT_IMAGE[variant]
     if image not in IMAGE_ENCODERS:
         raise ConfigError(f"unknown image encoder image={image!r}; known: {list(IMAGE_ENCODERS)}")
-    c = ml_collections.ConfigDict()
-    c.variant = variant
-    c.seed = 0
-
-    # ---- data: prepared TFRecord shards (launch/prepare_data.py) ----
-    c.data = ml_collections.ConfigDict()
-    c.data.name = "mimic_cxr" if variant == "paper" else "demo_iu"
-    c.data.root = {"paper": "data/mimic_cxr", "demo": "data/demo_iu", "test": ""}[variant]
-    c.data.train_split = "train"
-    c.data.eval_split = "test"
-    c.data.tokenizer_dir = os.path.join(c.data.root, "tokenizer") if variant != "paper" else \
-        "checkpoints/Bio_ClinicalBERT"
-    c.data.max_text_len = {"paper": 112, "demo": 64, "test": 16}[variant]
-    c.data.resize = {"paper": 256, "demo": 146, "test": 40}[variant]     # resize the stored image to this
-    c.data.crop = {"paper": 224, "demo": 128, "test": 32}[variant]       # random crop (train) / center crop (eval)
-    c.data.channels = 3 if variant == "paper" else 1                      # grayscale replicated for ImageNet stems
-    c.data.random_flip = False          # MGCA uses no flips (a flip swaps left/right findings in the report)
-    c.data.shuffle_buffer = {"paper": 10_000, "demo": 2_048, "test": 64}[variant]
-    c.data.skip_bad_records = False     # True: corrupt records are counted and skipped, not fatal
-    c.data.prefetch = 2                 # host-side batches prepared ahead of the step
-    # Shard files are split into this many streams (0: one per process). A fixed value (e.g. 2) gives the same
-    # global batches on any process count that divides it, so runs resume across process counts.
-    c.data.num_streams = 0
-    c.data.auto_prepare = variant == "demo"   # the demo prepares its own data on first run
-
-    # ---- model ----
-    c.model = ml_collections.ConfigDict()
-    img = ml_collections.ConfigDict(
-        _vit({"paper": "b16", "demo": "tiny", "test": "test"}[variant]))
-    if image == "resnet":
-        img = ml_collections.ConfigDict(dict(name="resnet50", resize_to=299 if variant == "paper" else 0,
-                                             stage_sizes=(3, 4, 6, 3), width=64))
-        if variant != "paper":
-            img.stage_sizes, img.width = (1, 1, 1, 1), 8 if variant == "test" else 16
-        img.local_stage = "layer3"      # local grid: layer3 (stride 16, the papers) | layer2 (stride 8)
-    img.image_size = c.data.crop
-    img.channels = c.data.channels
-    img.hf_checkpoint = ""
-    # Global image feature: [CLS] as the papers; the small demo models learn much faster from mean-pooled patches.
-    img.pool = "cls" if variant == "paper" else "gap"
-    c.model.image = img
-    c.model.text = ml_collections.ConfigDict(dict(
-        vocab_size={"paper": 28996, "demo": 3000, "test": 500}[variant],
-        width={"paper": 768, "demo": 128, "test": 32}[variant],
-        depth={"paper": 6, "demo": 2, "test": 1}[variant],
-        num_heads={"paper": 12, "demo": 2, "test": 2}[variant],
-        mlp_dim={"paper": 3072, "demo": 512, "test": 64}[variant],
-        max_position=512 if variant == "paper" else 128,
-        type_vocab_size=2, layer_norm_eps=1e-12, dropout=0.1 if variant == "paper" else 0.0,
-        use_position_ids=True, merge_word_pieces=True, sum_last_layers=1,
-        pool="cls" if variant == "paper" else "mean",
-        hf_checkpoint="checkpoints/Bio_ClinicalBERT" if variant == "paper" else ""))
-    c.model.proj = ml_collections.ConfigDict(dict(
-        kind="mlp_bn" if variant == "paper" else "linear", dim={"paper": 128, "demo": 128, "test": 16}[variant],
-        hidden=2048 if variant == "paper" else 256))
-    c.model.dtype = "float32"    # compute dtype; "bfloat16" keeps float32 master weights
-    c.model.remat = False        # jax.checkpoint per encoder block (fits larger batches)
-    c.model.fusion_barrier = "auto"   # "auto": on for XLA:CPU (models/fusion_barrier.py); "on" / "off"
-
-    # ---- optimiser (MGCA: AdamW 2e-5, wd 0.05, 40% linear warm-up then cosine, per step) ----
-    c.optim = ml_collections.ConfigDict(dict(
-        lr={"paper": 2e-5, "demo": 1e-3, "test": 1e-3}[variant], min_lr=1e-8,
-        weight_decay=0.05 if variant == "paper" else 1e-4,
-        b1=0.9, b2=0.999, warmup_fraction=0.4 if variant == "paper" else 0.1,
-        clip_norm=1.0, grad_accum_steps=1))
-
-    # ---- training length, logging, checkpoints ----
-    c.train = ml_collections.ConfigDict(dict(
-        batch_size={"paper": 144, "demo": 64, "test": 8}[variant],   # global batch
-        epochs=50 if variant == "paper" else 0,
-        total_steps={"paper": -1, "demo": 700, "test": 6}[variant],   # -1: derive from epochs
-        log_every_steps={"paper": 50, "demo": 25, "test": 2}[variant],
-        ckpt_every_steps={"paper": 1000, "demo": 100, "test": 3}[variant],
-        keep_ckpts=3,
-        nonfinite="skip",          # "skip": drop the update and count it; "stop": raise with step + record ids
-        # Generator of the dropout bits (train/step.py PRNG_IMPLS). threefry2x32 = the state key itself, as all
-        # earlier runs; philox4x32 was ~0.5% faster on CPU at the paper config (docs/benchmarks.md), rbg slower.
-        prng_impl="threefry2x32",
-        eval_at_end=True))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))   # -1: all remaining devices
-    # First matching regex wins. 'fsdp' shards the largest dim divisible by the fsdp axis size.
-    c.param_sharding = [(r".*(kernel|embedding|prototypes)", "fsdp"), (r".*", "replicate")]
-    c.method = ml_collections.ConfigDict()
-    # Zero-shot prompts per class for the end-of-run evaluation (class name itself when absent).
-    c.evals = ml_collections.ConfigDict()
+    tree = merged(VARIANT_PRESETS[variant])
+    data = tree["data"]
+    tree["model"]["image"] = dict(IMAGE_PRESETS[variant][image], image_size=data["crop"], channels=data["channels"],
+                                  **tree["model"]["image"])
     if variant == "demo":
         from medvlp_jax.data.sources.demo_iu import PROMPTS
-        c.evals.prompts = {k: list(v) for k, v in PROMPTS.items()}
-    return c
+        tree["evals"]["prompts"] = {k: list(v) for k, v in PROMPTS.items()}
+    return ml_collections.ConfigDict(tree)
+
+
+def setting_defaults(settings_cls, *fields: str) -> dict[str, Any]:
+    """``{field: default}`` for the named fields of the frozen settings dataclass ``settings_cls``.
+
+    How a config shows a field at its default (so that ``--config.<...>.<field>=...`` can override it and the
+    run's config.json records it) without writing the value a second time. A name that is not a field of
+    ``settings_cls`` is a ConfigError.
+    """
+    known = {f.name: f for f in dataclasses.fields(settings_cls)}
+    for name in fields:
+        if name not in known:
+            raise ConfigError(f"{settings_cls.__name__} has no field {name!r}; known: {sorted(known)}")
+    return {name: known[name].default if known[name].default is not dataclasses.MISSING
+            else known[name].default_factory() for name in fields}
+
+
+def method_config(name: str, settings_cls, *shown: str, **values: Any) -> ml_collections.ConfigDict:
+    """``config.method`` for method ``name``: what a ``configs/<name>.py`` sets.
+
+    Args:
+      name: the method's name in ``OBJECTIVES``.
+      settings_cls: the dataclass that the method's ``make`` reads ``config.method`` into
+        (``methods.local_ops.read_config``): the one home of every default.
+      *shown: fields shown at their ``settings_cls`` default (``setting_defaults``).
+      **values: the fields this config sets to something else (in some or all variants).
+    """
+    setting_defaults(settings_cls, *values)         # every set name must be a field too
+    return ml_collections.ConfigDict(dict(name=name, **{**setting_defaults(settings_cls, *shown), **values}))
 
 
 def steps_per_epoch(config, num_train_examples: int) -> int:

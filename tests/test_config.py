@@ -51,6 +51,48 @@ def test_default_image_encoder_per_variant(name):
     assert helpers.load_config(name, "demo,image=vit").model.image.name == "vit"
 
 
+
+def _keys(tree, prefix=""):
+    return {k for key, v in tree.items() for k in (_keys(v, f"{prefix}{key}.") if isinstance(v, dict)
+                                                    else {prefix + key})}
+
+
+@pytest.mark.parametrize("image", config_lib.IMAGE_ENCODERS)
+def test_every_variant_has_the_same_fields(image):
+    """The variants are presets merged onto the paper setup: they change values, never the set of fields (the
+    demo alone adds its zero-shot prompts)."""
+    keys = {v: {k for k in _keys(config_lib.base(v, image=image).to_dict()) if not k.startswith("evals.prompts.")}
+            for v in config_lib.VARIANTS}
+    assert keys["demo"] == keys["paper"] and keys["test"] == keys["paper"]
+    assert "model.image.image_size" in keys["paper"] and "data.auto_prepare" in keys["paper"]
+    with pytest.raises(KeyError, match="'nosuch', which the base config does not have"):
+        config_lib.merged(config_lib.PAPER, {"data": {"nosuch": 1}})
+
+
+@pytest.mark.parametrize("name", OBJECTIVES.names())
+def test_each_variant_reads_as_model_and_method_settings(name):
+    """config.model has no field the model does not know (models/model_config.py), for every variant."""
+    from medvlp_jax.models import model_config
+    for arg in ("", "demo", "test", "demo,image=vit", "image=resnet"):
+        model_config.read(helpers.load_config(name, arg).model)
+
+
+def test_method_config_shows_defaults_and_rejects_unknown_fields():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Settings:
+        tau: float = 0.1
+        k: int = 3
+        pair: tuple = (1, 2)
+
+    m = config_lib.method_config("x", Settings, "tau", "pair", k=5)
+    assert m.to_dict() == {"name": "x", "tau": 0.1, "pair": (1, 2), "k": 5}
+    with pytest.raises(config_lib.ConfigError, match="Settings has no field 'kk'"):
+        config_lib.method_config("x", Settings, k=1, kk=2)
+    with pytest.raises(config_lib.ConfigError, match="Settings has no field 'taux'"):
+        config_lib.method_config("x", Settings, "taux")
+
 def test_unknown_image_encoder():
     with pytest.raises(config_lib.ConfigError, match="unknown image encoder image='vitt'"):
         helpers.load_config("convirt", "demo,image=vitt")

@@ -25,40 +25,16 @@ word head (as in MGCA, whose local head then makes them non-zero).
 Submodule / parameter names: ``image``, ``text``, ``img_head``, ``txt_head``, ``patch_head``,
 ``word_head``. ``hf_import.load_text_tower`` replaces ``params["text"]``.
 
-``config.model`` fields (``.get`` with defaults; ml_collections ConfigDict or plain dict):
-  image.name: "vit" / "vit_b16" (ViT-B/16 @ 224 defaults), "vit_demo" / "vit_tiny" (192/4/3/768, patch 16,
-      image 128), "resnet50" (defaults: stage sizes (3,4,6,3), width 64), "resnet" (defaults (1,1,1,1), 8).
-      The names only pick defaults: every size field set in the config overrides them.
-  image.patch_size/width/depth/num_heads/mlp_dim/image_size/layer_norm_eps: ViT sizes.
-  image.width/stage_sizes/resize_to: ResNet base width, blocks per stage, bilinear upsampling side (299;
-      0 or None: none). image.local_stage: "layer3" (default, the papers) or "layer2" (a 2x finer grid).
-  image.image_size/channels: input size for ``example_batch`` (ResNet default 224; channels 3).
-  text.vocab_size/width/depth/num_heads/mlp_dim/max_position/type_vocab_size/layer_norm_eps: BERT sizes
-      (defaults: BERT-base, vocab 28,996). ``hf_import.bert_config_from_hf(dir)`` gives them for a checkpoint.
-  text.dropout (0.1), text.attention_dropout (= dropout): BERT dropouts.
-  text.use_position_ids (True; False = MGCA quirk, all positions 0).
-  text.merge_word_pieces (False), text.sum_last_layers (1; GLoRIA 4).
-  text.pool ("cls"): global text feature: "cls", "mean" (over real tokens) or "mean_all_slots" (GLoRIA's
-      sentence vector: the mean of the merged slot features over all l slots, padding included).
-  text.word_attn_shift (0): 1 reproduces MGCA's off-by-one word weights (each token gets the attention
-      paid to the next token, methods.md 1.4); 0 uses each token's own attention.
-  text.full_length_tail ("keep"): a report that fills all l tokens ([SEP] at position l-1, e.g. every
-      truncated report). "keep": its last word and [SEP] are slots like any other report's. "drop"
-      reproduces MGCA's ``aggregate_tokens`` (methods.md 1.4): its loop zips the l tokens with the l-1
-      attention entries, so it stops before position l-1, never reaches [SEP] and never flushes the word
-      in progress: the last word's and [SEP]'s slots stay empty (zero features and attention, outside
-      ``slot_mask``/``word_mask``). Only with ``merge_word_pieces`` (MGCA's token path has no such loop).
-      configs/mgca.py sets "drop" (faithful default).
-  text.hf_checkpoint: read by ``hf_import.load_text_tower``, not here.
-  proj.kind ("linear" | "mlp_bn" | "identity"), proj.dim (128), proj.hidden (2048), proj.normalize (True:
-      *_emb are L2-normalised; False leaves them raw, e.g. for GLoRIA's dot-product attention).
-  proj.{image,text,patch,word}_kind / _bias: per-head overrides of kind and of the Dense bias (True),
-      e.g. GLoRIA: patch_kind="linear", patch_bias=False, text_kind=word_kind="identity".
-  dtype: "float32" | "bfloat16" compute dtype (params float32; embeddings and features returned float32).
-  remat: recompute every ViT/BERT block / ResNet bottleneck in the backward pass.
-  fusion_barrier ("auto" | "on" | "off"): materialise the residual stream's cotangent between ViT blocks / BERT layers
-      (``fusion_barrier.py``; "auto" = on when JAX's default backend is the CPU, where XLA's fusion otherwise
-      recomputes it quadratically in the depth). Values are unchanged.
+``config.model`` fields: ``model_config.py`` (ImageConfig, TextConfig, ProjConfig, ModelConfig), each with its
+default; ``model_config.read`` rejects unknown keys and treats a None value as absent. ``image.name`` picks
+the size defaults (``VIT_PRESETS`` / ``RESNET_PRESETS``): every size field set in the config overrides them.
+``text.full_length_tail="drop"`` reproduces MGCA's ``aggregate_tokens`` (methods.md 1.4): its loop zips the l
+tokens with the l-1 attention entries, so for a report that fills all l tokens ([SEP] at position l-1, e.g.
+every truncated report) it stops before position l-1, never reaches [SEP] and never flushes the word in
+progress: the last word's and [SEP]'s slots stay empty (zero features and attention, outside
+``slot_mask``/``word_mask``). Only with ``merge_word_pieces`` (MGCA's token path has no such loop);
+configs/mgca.py sets it (faithful default). ``fusion_barrier`` materialises the residual stream's cotangent
+between ViT blocks / BERT layers (``fusion_barrier.py``); values are unchanged.
 """
 from __future__ import annotations
 
@@ -71,22 +47,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from medvlp_jax import numerics
-from medvlp_jax.models import fusion_barrier
+from medvlp_jax.models import fusion_barrier, model_config
 from medvlp_jax.models.bert import Bert
-from medvlp_jax.models.heads import HEAD_KINDS, ProjectionHead
+from medvlp_jax.models.heads import ProjectionHead
+from medvlp_jax.models.model_config import RESNET_PRESETS, VIT_PRESETS
 from medvlp_jax.models.resnet import ResNet
 from medvlp_jax.models.vit import ViT
 from medvlp_jax.types import EncoderOutputs
 
 Array = jax.Array
 
-VIT_B16 = dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072, image_size=224)
-VIT_DEMO = dict(patch_size=16, width=192, depth=4, num_heads=3, mlp_dim=768, image_size=128)
-VIT_PRESETS = {"vit": VIT_B16, "vit_b16": VIT_B16, "vit_demo": VIT_DEMO, "vit_tiny": VIT_DEMO}
-# Defaults; image.stage_sizes / image.width in the config override them (as image.* overrides VIT_PRESETS).
-RESNET_PRESETS = {"resnet50": dict(stage_sizes=(3, 4, 6, 3), width=64),
-                  "resnet": dict(stage_sizes=(1, 1, 1, 1), width=8)}
-HEAD_ROLES = ("image", "text", "patch", "word")
 
 
 @flax.struct.dataclass
@@ -125,7 +95,7 @@ class TextOutputs:
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    """cfg.get(key) for ConfigDict/dict/None; a None value counts as absent."""
+    """cfg.get(key) for ConfigDict/dict/None; a None value counts as absent (``example_batch`` reads raw keys)."""
     if cfg is None:
         return default
     value = cfg.get(key, default)
@@ -134,48 +104,36 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 
 def compute_dtype(model_cfg: Any) -> Any:
     """The compute dtype named by ``config.model.dtype``."""
-    name = _get(model_cfg, "dtype", "float32")
-    if name not in ("float32", "bfloat16"):
-        raise ValueError(f"config.model.dtype must be 'float32' or 'bfloat16', got {name!r}")
-    return jnp.dtype(name)
+    return jnp.dtype(model_config.read(model_cfg).dtype)
 
 
 def build_image_tower(model_cfg: Any) -> nn.Module:
-    """ViT or ResNet from ``config.model.image`` (see module docstring for the names)."""
-    icfg = _get(model_cfg, "image", {})
-    name = _get(icfg, "name", "vit")
-    dtype, remat = compute_dtype(model_cfg), bool(_get(model_cfg, "remat", False))
-    if name in VIT_PRESETS:
-        sizes = {k: _get(icfg, k, v) for k, v in VIT_PRESETS[name].items()}
-        return ViT(**sizes, layer_norm_eps=_get(icfg, "layer_norm_eps", 1e-6), dtype=dtype, remat=remat,
-                   fusion_barrier=fusion_barrier.enabled(_get(model_cfg, "fusion_barrier", "auto")))
-    if name in RESNET_PRESETS:
-        preset = RESNET_PRESETS[name]
-        stage_sizes = tuple(_get(icfg, "stage_sizes", preset["stage_sizes"]))
-        # resize_to 0 or None: no upsampling.
-        return ResNet(stage_sizes=stage_sizes, base_width=_get(icfg, "width", preset["width"]),
-                      resize_to=_get(icfg, "resize_to") or None, dtype=dtype, remat=remat,
-                      local_stage=_get(icfg, "local_stage", "layer3"))
-    raise ValueError(f"unknown config.model.image.name {name!r}; known: {sorted(VIT_PRESETS) + sorted(RESNET_PRESETS)}")
+    """ViT or ResNet from ``config.model.image`` (``model_config.ImageConfig``)."""
+    m = model_config.read(model_cfg)
+    icfg, dtype = m.image, jnp.dtype(m.dtype)
+    if icfg.name in VIT_PRESETS:
+        sizes = {k: v if getattr(icfg, k) is None else getattr(icfg, k) for k, v in VIT_PRESETS[icfg.name].items()}
+        eps = {} if icfg.layer_norm_eps is None else {"layer_norm_eps": icfg.layer_norm_eps}
+        return ViT(**sizes, **eps, dtype=dtype, remat=m.remat, fusion_barrier=fusion_barrier.enabled(m.fusion_barrier))
+    preset = RESNET_PRESETS[icfg.name]        # ImageConfig checked the name
+    local = {} if icfg.local_stage is None else {"local_stage": icfg.local_stage}
+    return ResNet(stage_sizes=tuple(preset["stage_sizes"] if icfg.stage_sizes is None else icfg.stage_sizes),
+                  base_width=preset["width"] if icfg.width is None else icfg.width,
+                  resize_to=icfg.resize_to or None, dtype=dtype, remat=m.remat, **local)
 
 
 def build_text_tower(model_cfg: Any) -> Bert:
     """BERT from ``config.model.text``; unset fields take ``Bert``'s defaults (BERT-base)."""
-    tcfg = _get(model_cfg, "text", {})
-    fields = ("vocab_size", "width", "depth", "num_heads", "mlp_dim", "max_position", "type_vocab_size",
-              "layer_norm_eps", "dropout", "use_position_ids", "sum_last_layers")
-    kwargs = {f: _get(tcfg, f) for f in fields if _get(tcfg, f) is not None}
-    kwargs["attention_dropout"] = _get(tcfg, "attention_dropout", _get(tcfg, "dropout", 0.1))
-    return Bert(**kwargs, dtype=compute_dtype(model_cfg), remat=bool(_get(model_cfg, "remat", False)),
-                fusion_barrier=fusion_barrier.enabled(_get(model_cfg, "fusion_barrier", "auto")))
+    m = model_config.read(model_cfg)
+    return Bert(**m.text.bert_kwargs(), dtype=jnp.dtype(m.dtype), remat=m.remat,
+                fusion_barrier=fusion_barrier.enabled(m.fusion_barrier))
 
 
 def build_head(model_cfg: Any, role: str) -> ProjectionHead:
     """Projection head for ``role`` in HEAD_ROLES from ``config.model.proj``."""
-    pcfg = _get(model_cfg, "proj", {})
-    return ProjectionHead(kind=_get(pcfg, f"{role}_kind", _get(pcfg, "kind", "linear")),
-                          dim=_get(pcfg, "dim", 128), hidden=_get(pcfg, "hidden", 2048),
-                          use_bias=bool(_get(pcfg, f"{role}_bias", True)), dtype=compute_dtype(model_cfg))
+    m = model_config.read(model_cfg)
+    return ProjectionHead(kind=m.proj.kind_of(role), dim=m.proj.dim, hidden=m.proj.hidden,
+                          use_bias=bool(getattr(m.proj, f"{role}_bias")), dtype=jnp.dtype(m.dtype))
 
 
 def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
@@ -258,6 +216,7 @@ class DualEncoder(nn.Module):
     config: Any
 
     def setup(self):
+        self.settings = model_config.read(self.config)
         self.image = build_image_tower(self.config)
         self.text = build_text_tower(self.config)
         self.img_head = build_head(self.config, "image")
@@ -266,7 +225,7 @@ class DualEncoder(nn.Module):
         self.word_head = build_head(self.config, "word")
 
     def _emb(self, x: Array) -> Array:
-        return l2_normalize(x) if _get(_get(self.config, "proj", {}), "normalize", True) else x.astype(jnp.float32)
+        return l2_normalize(x) if self.settings.proj.normalize else x.astype(jnp.float32)
 
     def encode_image(self, batch: dict, train: bool = False) -> ImageOutputs:
         """Image side only.
@@ -281,7 +240,7 @@ class DualEncoder(nn.Module):
         out = self.image(batch["image"], train)
         # Global feature: the [CLS] token (papers) or the mean of the patch tokens ("gap"), which gives distinct
         # embeddings per image from step 0 and makes small models learn much faster.
-        pooled = out["cls"] if _get(_get(self.config, "image", {}), "pool", "cls") == "cls" else \
+        pooled = out["cls"] if self.settings.image.pool == "cls" else \
             jnp.mean(out["patches"], axis=1)
         img_feat = pooled.astype(jnp.float32)
         patch_feat = out["patches"].astype(jnp.float32)
@@ -303,8 +262,8 @@ class DualEncoder(nn.Module):
         Returns:
           TextOutputs with t == l slots (float32 arrays, bool masks).
         """
-        tcfg = _get(self.config, "text", {})
-        merge = bool(_get(tcfg, "merge_word_pieces", False))
+        tcfg = self.settings.text
+        merge = bool(tcfg.merge_word_pieces)
         ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         l = ids.shape[1]
         word_ids = batch.get("word_ids")
@@ -315,21 +274,18 @@ class DualEncoder(nn.Module):
         out = self.text(ids, attention_mask, train, position_ids=batch.get("position_ids"))
 
         token_attn = out["attn"].astype(jnp.float32)
-        shift = int(_get(tcfg, "word_attn_shift", 0))
+        shift = int(tcfg.word_attn_shift)
         if shift:
             # MGCA zips the attention on keys 1..l-1 with tokens 0..l-1: token i gets the attention on i+shift.
             token_attn = jnp.pad(token_attn[:, shift:], ((0, 0), (0, shift)))
         if merge:
             slot_mask, word_mask = slot_masks(word_ids, l)
-            tail_mode = _get(tcfg, "full_length_tail", "keep")
-            if tail_mode == "drop":
+            if tcfg.full_length_tail == "drop":       # TextConfig checked the value
                 dropped = full_length_tail(word_ids)
                 # The dropped slots are exactly the ones their tokens would have filled.
                 gone = (jnp.where(dropped, word_ids, -1)[:, :, None] == jnp.arange(l)[None, None, :]).any(axis=1)
                 word_ids = jnp.where(dropped, -1, word_ids)
                 slot_mask, word_mask = slot_mask & ~gone, word_mask & ~gone
-            elif tail_mode != "keep":
-                raise ValueError(f"config.model.text.full_length_tail must be 'keep' or 'drop', got {tail_mode!r}")
             word_feat = merge_slots(out["tokens"], word_ids, l)
             word_attn = merge_slots(token_attn, word_ids, l)
         else:
@@ -340,7 +296,7 @@ class DualEncoder(nn.Module):
         # Global feature: [CLS] (papers), the mean over the occupied token positions ("mean"), or GLoRIA's
         # sentence vector ("mean_all_slots": the merged slot features summed over all l slots, padding included,
         # divided by l).
-        pool = _get(tcfg, "pool", "cls")
+        pool = tcfg.pool
         if pool == "cls":
             pooled = out["cls"]
         elif pool == "mean_all_slots":
@@ -375,16 +331,8 @@ class DualEncoder(nn.Module):
 
 
 def build_model(model_cfg: Any) -> DualEncoder:
-    """The DualEncoder for ``config.model`` (validates the image name and dtype eagerly)."""
-    build_image_tower(model_cfg)
-    compute_dtype(model_cfg)
-    tail = _get(_get(model_cfg, "text", {}), "full_length_tail", "keep")
-    if tail not in ("keep", "drop"):
-        raise ValueError(f"config.model.text.full_length_tail must be 'keep' or 'drop', got {tail!r}")
-    for role in HEAD_ROLES:
-        kind = build_head(model_cfg, role).kind
-        if kind not in HEAD_KINDS:
-            raise ValueError(f"config.model.proj: unknown kind {kind!r} for the {role} head; known: {HEAD_KINDS}")
+    """The DualEncoder for ``config.model``; every field is checked eagerly (``model_config.read``)."""
+    model_config.read(model_cfg)
     return DualEncoder(config=model_cfg)
 
 

