@@ -12,7 +12,7 @@ port of our MGCA objective, torch.optim.AdamW, gradient clipping off. Compare wi
 ``--config.optim.clip_norm=0`` (the PyTorch step does not clip). The JAX row is the launcher's step
 (``benchmark_lib.build_step``: same model, objective, optimizer, shardings, donation), on one device.
 
-Both run in this process on the same synthetic batch (``benchmark_lib.synthetic_batch``), alternately
+Both run in this process on the same synthetic batch (``data.example_batch.example_batch_for``, seed 0), alternately
 (``--alternations`` rounds of ``--steps`` JAX steps then ``--steps`` PyTorch steps), so both see the same load
 from other programs; the medians over all timed steps are compared. PyTorch uses ``--threads`` intra-op threads
 (default: every CPU, as XLA:CPU does). Prints a Markdown table, writes JSON (``--out``).
@@ -105,11 +105,12 @@ def compare(config, *, steps: int, warmup: int, alternations: int, threads: int 
     import torch
     from benchmarks import torch_mgca
     from medvlp_jax import benchmark_lib, sharding as sharding_lib
+    from medvlp_jax.data.example_batch import example_batch_for
 
     threads = threads or os.cpu_count()
     torch.set_num_threads(threads)
     torch.manual_seed(config.seed)
-    host_batch = benchmark_lib.synthetic_batch(config, config.train.batch_size)
+    host_batch = example_batch_for(config, config.train.batch_size, seed=0)
 
     # JAX: the launcher's step, one device (and one per variant).
     devices = jax.devices()[:1]

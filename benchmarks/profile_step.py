@@ -40,13 +40,14 @@ def profile(config, *, steps: int, warmup: int, out_dir: str, log=print) -> dict
     import numpy as np
     from benchmarks import hlo_profile
     from medvlp_jax import benchmark_lib, sharding as sharding_lib
+    from medvlp_jax.data.example_batch import example_batch_for
 
     devices = jax.devices()[:1]
     state, step, mesh = benchmark_lib.build_step(config, devices)
     # Late step counter: every scheduled term of the objective is on (as benchmark_lib.time_step).
     state = dataclasses.replace(state, step=jax.device_put(np.asarray(10**6, np.asarray(state.step).dtype),
                                                            state.step.sharding))
-    batch = sharding_lib.to_global(benchmark_lib.synthetic_batch(config, config.train.batch_size), mesh)
+    batch = sharding_lib.to_global(example_batch_for(config, config.train.batch_size, seed=0), mesh)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0

@@ -243,7 +243,7 @@ def train_step(model: TorchMgca, opt: torch.optim.Optimizer, batch: dict[str, to
 
 
 def to_torch(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The synthetic numpy batch (benchmark_lib.synthetic_batch) as torch tensors (int64 ids)."""
+    """The synthetic numpy batch (data.example_batch.example_batch_for) as torch tensors (int64 ids)."""
     out = {}
     for k, v in batch.items():
         t = torch.from_numpy(v.copy())

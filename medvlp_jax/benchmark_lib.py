@@ -46,6 +46,7 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
+from medvlp_jax.data.example_batch import example_batch_for
 from medvlp_jax.types import LossContext
 
 # Dense bf16 peak FLOP/s per chip (vendor data sheets). TPU device_kind strings: "TPU v4", "TPU v5 lite" (v5e),
@@ -112,29 +113,6 @@ def measure_cpu_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
         f(a).block_until_ready()
         times.append(time.perf_counter() - t)
     return 2.0 * n ** 3 / statistics.median(times)
-
-
-def synthetic_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """A host batch with the pipeline's keys and shapes: random images, reports filling ~3/4 of the text length.
-
-    Returns:
-      image [b, crop, crop, channels] float32, input_ids / attention_mask / word_ids [b, max_text_len] int32,
-      labels [b, 1] float32, index [b] int32, valid [b] bool.
-    """
-    rng = np.random.default_rng(seed)
-    c, t, ch = config.data.crop, config.data.max_text_len, config.data.channels
-    vocab = config.model.text.vocab_size
-    ids = np.zeros((batch_size, t), np.int32)
-    mask = np.zeros((batch_size, t), np.int32)
-    word_ids = np.full((batch_size, t), -1, np.int32)
-    for i in range(batch_size):
-        n = max(1, min(t - 2, int(rng.integers(t // 2, t - 1))))
-        ids[i, 0], ids[i, 1:n + 1], ids[i, n + 1] = 2, rng.integers(5, vocab, n), 3
-        mask[i, :n + 2] = 1
-        word_ids[i, :n + 2] = np.arange(n + 2)
-    return {"image": rng.standard_normal((batch_size, c, c, ch)).astype(np.float32), "input_ids": ids,
-            "attention_mask": mask, "word_ids": word_ids, "labels": np.zeros((batch_size, 1), np.float32),
-            "index": np.arange(batch_size, dtype=np.int32), "valid": np.ones((batch_size,), bool)}
 
 
 def with_shape(config, *, batch_size: Optional[int] = None, text_len: Optional[int] = None,
@@ -247,7 +225,7 @@ def model_flops(config, devices: Sequence[jax.Device]) -> Optional[float]:
     from medvlp_jax import sharding as sharding_lib
     b = _build(config, devices, materialize=False)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding_lib.batch_sharding(b["mesh"]))
-             for k, v in synthetic_batch(config, config.train.batch_size).items()}
+             for k, v in example_batch_for(config, config.train.batch_size, seed=0).items()}
     per_device = _cost_flops(b["step"].lower(b["state"], batch).compile())
     return None if per_device is None else per_device * len(devices)
 
@@ -269,7 +247,7 @@ def objective_cost(config, *, devices: Optional[Sequence[jax.Device]] = None, st
     devices = list(devices if devices is not None else jax.devices())
     b = _build(config, devices)
     model, objective, state, mesh = b["model"], b["objective"], b["state"], b["mesh"]
-    batch = sharding_lib.to_global(synthetic_batch(config, config.train.batch_size), mesh)
+    batch = sharding_lib.to_global(example_batch_for(config, config.train.batch_size, seed=0), mesh)
     variables = {"params": state.params["encoders"], **state.model_state}
     # Eager apply: static fields of the outputs (the patch grid) stay Python values, as inside the train step.
     out = model.apply(variables, batch, train=False)
@@ -351,7 +329,7 @@ def time_step(config, *, devices: Optional[Sequence[jax.Device]] = None, steps: 
     state, step, mesh = build_step(config, devices)
     state = dataclasses.replace(state, step=jax.device_put(np.asarray(at_step, np.asarray(state.step).dtype),
                                                            state.step.sharding))
-    batch = sharding_lib.to_global(synthetic_batch(config, config.train.batch_size), mesh)
+    batch = sharding_lib.to_global(example_batch_for(config, config.train.batch_size, seed=0), mesh)
     t0 = time.perf_counter()
     traced = step.trace(state, batch)
     lowered = traced.lower()

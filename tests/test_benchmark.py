@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from medvlp_jax import benchmark_lib, sharding as sharding_lib
+from medvlp_jax.data.example_batch import example_batch_for
 from medvlp_jax.data.sources import synthetic
 from tests import helpers
 
@@ -41,7 +42,7 @@ def test_peak_table(kind, peak):
 def test_with_shape_changes_the_step_shapes_consistently():
     c = helpers.load_config("convirt")
     d = benchmark_lib.with_shape(c, batch_size=16, text_len=24, image_size=48)
-    b = benchmark_lib.synthetic_batch(d, d.train.batch_size)
+    b = example_batch_for(d, d.train.batch_size, seed=0)
     assert b["image"].shape == (16, 48, 48, d.data.channels) and b["input_ids"].shape == (16, 24)
     assert d.model.image.image_size == 48 and d.data.resize >= 48 and c.train.batch_size == 8
 
@@ -129,7 +130,7 @@ def test_flop_count_variant_skips_the_second_compile_when_no_loop_holds_a_matmul
     def jaxpr(cfg):
         b = benchmark_lib._build(cfg, jax.devices()[:1], materialize=False)
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding_lib.batch_sharding(b["mesh"]))
-                 for k, v in benchmark_lib.synthetic_batch(cfg, cfg.train.batch_size).items()}
+                 for k, v in example_batch_for(cfg, cfg.train.batch_size, seed=0).items()}
         return b["step"].trace(b["state"], batch).jaxpr
 
     cfg, changed = benchmark_lib.flop_count_variant(c, jaxpr(c))

@@ -51,7 +51,6 @@ def test_default_image_encoder_per_variant(name):
     assert helpers.load_config(name, "demo,image=vit").model.image.name == "vit"
 
 
-
 def _keys(tree, prefix=""):
     return {k for key, v in tree.items() for k in (_keys(v, f"{prefix}{key}.") if isinstance(v, dict)
                                                     else {prefix + key})}
@@ -92,6 +91,7 @@ def test_method_config_shows_defaults_and_rejects_unknown_fields():
         config_lib.method_config("x", Settings, k=1, kk=2)
     with pytest.raises(config_lib.ConfigError, match="Settings has no field 'taux'"):
         config_lib.method_config("x", Settings, "taux")
+
 
 def test_unknown_image_encoder():
     with pytest.raises(config_lib.ConfigError, match="unknown image encoder image='vitt'"):

@@ -225,10 +225,10 @@ def iga_per_pair(tokens: Array, token_mask: Array, patches: Array, groups: dict[
       [b] loss per pair (0 for a pair without valid words).
     """
     z_l = jnp.einsum("bid,bkd->bik", tokens, groups["g_v"]) / tau               # token i vs visual groups
-    ce_l = local_ops.diag_ce(z_l, token_mask)
+    ce_l = common.diag_ce(z_l, token_mask)
     lang = common.masked_mean(ce_l, token_mask, axis=-1)
     z_v = jnp.einsum("bjd,bkd->bjk", patches, groups["g_t"]) / tau              # patch j vs language groups
-    vis = jnp.mean(local_ops.diag_ce(z_v, jnp.ones(z_v.shape[:2], bool)), axis=-1)
+    vis = jnp.mean(common.diag_ce(z_v, jnp.ones(z_v.shape[:2], bool)), axis=-1)
     return jnp.where(jnp.any(token_mask, axis=-1), lang + vis, 0.0)
 
 
@@ -237,8 +237,8 @@ def bcga_pooled(out_img: Array, out_txt: Array, token_mask: Array, groups: dict[
     """Pooled BCGA: [b, d] image/report embeddings vs the pooled groups. Returns loss []."""
     g_img = common.l2_normalize(common.masked_mean(groups["g_v"], token_mask[..., None], axis=1))
     g_txt = common.l2_normalize(jnp.mean(groups["g_t"], axis=1))
-    l_v, _, _ = local_ops.bidirectional_ce(jnp.einsum("id,jd->ij", g_img, out_txt) / tau, valid)
-    l_t, _, _ = local_ops.bidirectional_ce(jnp.einsum("id,jd->ij", out_img, g_txt) / tau, valid)
+    l_v, _, _ = common.bidirectional_ce(jnp.einsum("id,jd->ij", g_img, out_txt) / tau, valid)
+    l_t, _, _ = common.bidirectional_ce(jnp.einsum("id,jd->ij", out_img, g_txt) / tau, valid)
     return 0.5 * (l_v + l_t)
 
 
@@ -284,8 +284,8 @@ def cross_pair_scores(params, tokens: Array, token_mask: Array, patches: Array, 
 def bcga_cross(params, tokens, token_mask, patches, valid, cfg: AgaConfig, gates) -> Array:
     """Cross-pair BCGA: bidirectional CE on the group-based pair scores. Returns loss []."""
     s_l, s_v = cross_pair_scores(params, tokens, token_mask, patches, cfg, gates)
-    l_l, _, _ = local_ops.bidirectional_ce(s_l.T / cfg.bcga_temperature, valid)   # rows = images
-    l_v, _, _ = local_ops.bidirectional_ce(s_v.T / cfg.bcga_temperature, valid)
+    l_l, _, _ = common.bidirectional_ce(s_l.T / cfg.bcga_temperature, valid)   # rows = images
+    l_v, _, _ = common.bidirectional_ce(s_v.T / cfg.bcga_temperature, valid)
     return 0.5 * (l_l + l_v)
 
 

@@ -1,4 +1,5 @@
-"""Building blocks shared by the objectives: masked softmax/means, InfoNCE, normalisation, masked
+"""Building blocks shared by the objectives: masked softmax/means, the diagonal cross-entropy
+(``diag_ce``, ``bidirectional_ce``) and InfoNCE, normalisation, masked
 quantile clipping (torch.quantile semantics), Sinkhorn-Knopp, torch-style cosine, and the chunked
 cross-sample helpers (``map_in_chunks``, ``chunked_diag_ce``) that keep [b, b, t, p] tensors out of memory."""
 from __future__ import annotations
@@ -22,14 +23,41 @@ def masked_log_softmax(logits: jax.Array, mask: jax.Array, axis: int = -1) -> ja
     return jax.nn.log_softmax(jnp.where(mask, logits, NEG_INF), axis=axis)
 
 
-def cross_entropy_rows(logits: jax.Array, valid_cols: jax.Array | None = None) -> jax.Array:
-    """Per-row CE with the diagonal as target. logits: [n, n]; valid_cols: [n] bool. Returns [n]."""
-    n = logits.shape[0]
-    if valid_cols is not None:
-        keep = valid_cols[None, :] | jnp.eye(n, dtype=bool)
+def diag_ce(logits: jax.Array, col_mask: jax.Array | None = None) -> jax.Array:
+    """Per-row cross-entropy with the diagonal as target, over one or a stack of square logit matrices.
+
+    Args:
+      logits: [..., n, n]; row r's target is column r.
+      col_mask: [..., n] bool, the columns that may compete (the diagonal always competes); None: all.
+    Returns:
+      [..., n] CE per row (rows whose own column is masked out are meaningless; mask them downstream).
+    """
+    n = logits.shape[-1]
+    if col_mask is not None:
+        keep = col_mask[..., None, :] | jnp.eye(n, dtype=bool)
         logits = jnp.where(keep, logits, NEG_INF)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.diagonal(logp)
+    return -jnp.diagonal(jax.nn.log_softmax(logits, axis=-1), axis1=-2, axis2=-1)
+
+
+def bidirectional_ce(logits: jax.Array, valid: jax.Array, reduce_directions: str = "mean",
+                     i2t_weight: float = 0.5) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Bidirectional CE over a batch logit matrix with the matching pairs on the diagonal.
+
+    Args:
+      logits: [b, b], rows = images, columns = reports.
+      valid: [b] bool; invalid rows neither count nor act as negatives.
+      reduce_directions: "mean" (w * i2t + (1 - w) * t2i) or "sum" (i2t + t2i).
+      i2t_weight: w, the weight of the image->text direction under "mean".
+    Returns:
+      (loss [], i2t [], t2i []): i2t and t2i are means over the valid rows.
+    """
+    i2t = masked_mean(diag_ce(logits, valid), valid)
+    t2i = masked_mean(diag_ce(logits.T, valid), valid)
+    if reduce_directions == "sum":
+        return i2t + t2i, i2t, t2i
+    if reduce_directions == "mean":
+        return i2t_weight * i2t + (1.0 - i2t_weight) * t2i, i2t, t2i
+    raise ValueError(f"reduce_directions must be 'mean' or 'sum', got {reduce_directions!r}")
 
 
 def infonce(img: jax.Array, txt: jax.Array, temperature, valid: jax.Array | None = None,
@@ -50,16 +78,7 @@ def infonce(img: jax.Array, txt: jax.Array, temperature, valid: jax.Array | None
     if valid is None:
         valid = jnp.ones((b,), bool)
     logits = jnp.einsum("id,jd->ij", img, txt) / temperature
-    i2t = cross_entropy_rows(logits, valid)
-    t2i = cross_entropy_rows(logits.T, valid)
-    i2t = masked_mean(i2t, valid)
-    t2i = masked_mean(t2i, valid)
-    if reduce_directions == "sum":
-        loss = i2t + t2i
-    elif reduce_directions == "mean":
-        loss = i2t_weight * i2t + (1.0 - i2t_weight) * t2i
-    else:
-        raise ValueError(f"reduce_directions must be 'mean' or 'sum', got {reduce_directions!r}")
+    loss, i2t, t2i = bidirectional_ce(logits, valid, reduce_directions, i2t_weight)
     return loss, i2t, t2i, logits
 
 

@@ -262,13 +262,6 @@ def cosine_matrix(x: Array, y: Array, eps: float = COS_EPS) -> Array:
     return dots / jnp.maximum(norms, eps)
 
 
-def _bidirectional(logits: Array, valid: Array) -> tuple[Array, Array]:
-    """(image->text CE, text->image CE), each a mean over valid rows. logits: [b, b], rows = images."""
-    i2t = common.masked_mean(common.cross_entropy_rows(logits, valid), valid)
-    t2i = common.masked_mean(common.cross_entropy_rows(logits.T, valid), valid)
-    return i2t, t2i
-
-
 def gloria_loss(out: EncoderOutputs, valid: Array, cfg: GloriaConfig,
                 n_uncounted: Optional[Array] = None) -> tuple[Array, dict[str, Array]]:
     """The GLoRIA objective (module docstring).
@@ -286,10 +279,10 @@ def gloria_loss(out: EncoderOutputs, valid: Array, cfg: GloriaConfig,
     if cfg.paper_local_scale:
         r = r / cfg.temp2
     local_logits = cfg.temp3 * r
-    l_i2t, l_t2i = _bidirectional(local_logits, valid)
+    _, l_i2t, l_t2i = common.bidirectional_ce(local_logits, valid)
     g_txt = report_vector(local_ops.wide(out.word_emb), out.slot_mask, local_ops.wide(out.txt_emb), cfg.report_vector)
     global_logits = cfg.temp3 * cosine_matrix(out.img_emb, g_txt)
-    g_i2t, g_t2i = _bidirectional(global_logits, valid)
+    _, g_i2t, g_t2i = common.bidirectional_ce(global_logits, valid)
     local, glob = l_i2t + l_t2i, g_i2t + g_t2i
     total = cfg.local_weight * local + cfg.global_weight * glob
     return total, {

@@ -1,8 +1,8 @@
 """Token-level helpers shared by the reconstructed objectives (SISTA, AGA, PLAN).
 
-Owns: masked min-max normalisation, sparse word->patch grouping, per-pair cross-entropy with masked
-negatives, bidirectional CE from a logit matrix, and a config reader with typo detection. MGCA-style word
-weights (``common.quantile_clipped_weights``) and the chunk mapper of the cross-sample local terms
+Owns: masked min-max normalisation, sparse word->patch grouping and a config reader with typo detection.
+The diagonal cross-entropies (``common.diag_ce``, ``common.bidirectional_ce``), MGCA-style word weights
+(``common.quantile_clipped_weights``) and the chunk mapper of the cross-sample local terms
 (``common.map_in_chunks``; methods.md section 12.6: never build [b, b, t, p] at full batch) live in
 ``common``, shared with MGCA and GLoRIA.
 
@@ -95,41 +95,6 @@ def uniform_word_weights(mask: Array) -> Array:
     """1/|T_b| on the valid words of each row, 0 elsewhere. mask: [b, t] bool. Returns [b, t]."""
     m = mask.astype(jnp.float32)
     return m / jnp.maximum(jnp.sum(m, axis=-1, keepdims=True), 1.0)
-
-
-def diag_ce(logits: Array, col_mask: Array) -> Array:
-    """Per-row CE with the diagonal as target, over a stack of square logit matrices.
-
-    Args:
-      logits: [..., n, n]; row r's target is column r.
-      col_mask: [..., n] bool, the columns that may compete (the diagonal always competes).
-    Returns:
-      [..., n] CE per row (rows whose own column is masked out are meaningless; mask them downstream).
-    """
-    n = logits.shape[-1]
-    keep = col_mask[..., None, :] | jnp.eye(n, dtype=bool)
-    logp = jax.nn.log_softmax(jnp.where(keep, logits, common.NEG_INF), axis=-1)
-    return -jnp.diagonal(logp, axis1=-2, axis2=-1)
-
-
-def bidirectional_ce(logits: Array, valid: Array, reduce_directions: str = "mean",
-                     i2t_weight: float = 0.5) -> tuple[Array, Array, Array]:
-    """Bidirectional CE over a batch logit matrix with matching pairs on the diagonal.
-
-    Args:
-      logits: [b, b], rows = images, columns = reports.
-      valid: [b] bool; invalid rows neither count nor act as negatives.
-      reduce_directions: "mean" (w * i2t + (1 - w) * t2i) or "sum" (i2t + t2i).
-    Returns:
-      (loss [], i2t [], t2i []).
-    """
-    i2t = common.masked_mean(diag_ce(logits, valid), valid)
-    t2i = common.masked_mean(diag_ce(logits.T, valid), valid)
-    if reduce_directions == "sum":
-        return i2t + t2i, i2t, t2i
-    if reduce_directions == "mean":
-        return i2t_weight * i2t + (1.0 - i2t_weight) * t2i, i2t, t2i
-    raise ValueError(f"reduce_directions must be 'mean' or 'sum', got {reduce_directions!r}")
 
 
 def group_vectors(weights: Array, keys: Array) -> Array:

@@ -172,8 +172,8 @@ def _weighted_pair_ce(queries: Array, keys: Array, neg_mask: Optional[Array], we
     if negatives == "pair":
         z = jnp.einsum("bnd,bmd->bnm", queries, keys) / tau                   # [b, n, n]
         cols = jnp.ones((b, n), bool) if neg_mask is None else neg_mask
-        ce1 = local_ops.diag_ce(z, cols)
-        ce2 = local_ops.diag_ce(jnp.swapaxes(z, -1, -2), cols)
+        ce1 = common.diag_ce(z, cols)
+        ce2 = common.diag_ce(jnp.swapaxes(z, -1, -2), cols)
     else:
         key_mask = valid[:, None] if neg_mask is None else (neg_mask & valid[:, None])
         key_mask = jnp.broadcast_to(key_mask, (b, n)).reshape(-1)

@@ -287,7 +287,7 @@ def local_terms(out: EncoderOutputs, teacher_out: Optional[EncoderOutputs], vali
     r = local_scores(words, log_omega, patches, spec, cfg, teacher, omega0 if pixel else None, running)  # [a, b]
     # A report without any valid word has no local score: it neither counts nor competes here.
     loc_valid = valid & jnp.any(keep, axis=-1)
-    l_loc, _, _ = local_ops.bidirectional_ce(r.T / cfg.tau_r, loc_valid, cfg.loc_reduce_directions)
+    l_loc, _, _ = common.bidirectional_ce(r.T / cfg.tau_r, loc_valid, cfg.loc_reduce_directions)
     if spec.teacher_prior:
         student_logp = log_maps(words, patches, spec.tau_w)                            # raw student maps
         teacher_logp = log_maps(*teacher, spec.tau_w)                                   # stop-grad inputs

@@ -257,7 +257,7 @@ def _sta_patch_to_word_per_pair(word: Array, patch: Array, mask: Array, cfg: Sis
     e = local_ops.group_vectors(beta, word)                                      # [b, p, d]
     z = jnp.einsum("bkd,bld->bkl", e, patch) / cfg.sta_temperature              # [b, p (group), p (patch)]
     every = jnp.ones(z.shape[:2], bool)
-    ce = local_ops.diag_ce(z, every) + local_ops.diag_ce(jnp.swapaxes(z, 1, 2), every)   # [b, p]
+    ce = common.diag_ce(z, every) + common.diag_ce(jnp.swapaxes(z, 1, 2), every)   # [b, p]
     per_pair = 0.5 * jnp.mean(ce, axis=-1)
     return jnp.where(jnp.any(mask, axis=-1), per_pair, 0.0), beta
 
@@ -282,8 +282,8 @@ def _sta_word_to_patch(out: EncoderOutputs, word: Array, patch: Array, valid: Ar
                                          cfg.sta_temperature, rows).reshape(b, t)
     else:
         z = jnp.einsum("btd,bsd->bts", c, word) / cfg.sta_temperature           # [b, t (group), s (word)]
-        ce_group = local_ops.diag_ce(z, mask)                                   # c_t against words
-        ce_word = local_ops.diag_ce(jnp.swapaxes(z, 1, 2), mask)                # w_t against groups
+        ce_group = common.diag_ce(z, mask)                                   # c_t against words
+        ce_word = common.diag_ce(jnp.swapaxes(z, 1, 2), mask)                # w_t against groups
     if cfg.sta_word_weights == "mgca":
         omega = common.quantile_clipped_weights(out.word_attn, mask, *cfg.word_weight_quantiles)
     else:

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medvlp_jax import numerics
+from medvlp_jax.data.example_batch import example_batch as data_example_batch
 from medvlp_jax.models import fusion_barrier, model_config
 from medvlp_jax.models.bert import Bert
 from medvlp_jax.models.heads import ProjectionHead
@@ -337,17 +338,9 @@ def build_model(model_cfg: Any) -> DualEncoder:
 
 
 def example_batch(model_cfg: Any, batch_size: int = 2, text_len: int = 8) -> dict[str, np.ndarray]:
-    """Zero-filled batch with the shapes ``init`` needs (parameter shapes do not depend on text_len).
-
-    Returns:
-      dict: image [batch_size, s, s, channels] float32, input_ids/attention_mask/word_ids [batch_size, text_len]
-      int32 (one [CLS], words, one [SEP]; no padding).
-    """
-    icfg = _get(model_cfg, "image", {})
-    name = _get(icfg, "name", "vit")
-    size = _get(icfg, "image_size", VIT_PRESETS[name]["image_size"] if name in VIT_PRESETS else 224)
-    ids = np.arange(text_len, dtype=np.int32)
-    return dict(image=np.zeros((batch_size, size, size, _get(icfg, "channels", 3)), np.float32),
-                input_ids=np.zeros((batch_size, text_len), np.int32),
-                attention_mask=np.ones((batch_size, text_len), np.int32),
-                word_ids=np.broadcast_to(ids, (batch_size, text_len)).copy())
+    """A zero batch with the shapes ``init`` needs (``data.example_batch``: every report fills ``text_len``;
+    parameter shapes do not depend on text_len). The image side and channels come from ``config.model.image``
+    (ViT presets: their image_size; otherwise 224)."""
+    icfg = model_config.read(model_cfg).image
+    size = icfg.image_size or (VIT_PRESETS[icfg.name]["image_size"] if icfg.name in VIT_PRESETS else 224)
+    return data_example_batch(batch_size, image_size=size, channels=icfg.channels, text_len=text_len)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from medvlp_jax import sharding as sharding_lib
+from medvlp_jax.data.example_batch import example_batch_for
 
 
 @flax.struct.dataclass
@@ -29,24 +30,12 @@ class TrainState:
     nonfinite_steps: jax.Array
 
 
-def dummy_batch(config, batch_size: int) -> dict[str, jax.Array]:
-    """Shapes of one batch (for initialisation and tracing)."""
-    c, t = config.data.crop, config.data.max_text_len
-    ids = jnp.zeros((batch_size, t), jnp.int32).at[:, 0].set(2).at[:, 1].set(5).at[:, 2].set(3)
-    mask = jnp.zeros((batch_size, t), jnp.int32).at[:, :3].set(1)
-    word_ids = jnp.full((batch_size, t), -1, jnp.int32).at[:, :3].set(jnp.arange(3))
-    return {"image": jnp.zeros((batch_size, c, c, config.data.channels), jnp.float32), "input_ids": ids,
-            "attention_mask": mask, "word_ids": word_ids,
-            "labels": jnp.zeros((batch_size, 1), jnp.float32), "index": jnp.zeros((batch_size,), jnp.int32),
-            "valid": jnp.ones((batch_size,), bool)}
-
-
 def make_init_fn(config, model, objective, tx: optax.GradientTransformation, init_batch_size: int):
     """init(rng) -> TrainState (pure; jit it with out_shardings)."""
 
     def init(rng):
         model_rng, method_rng, state_rng = jax.random.split(rng, 3)
-        batch = dummy_batch(config, init_batch_size)
+        batch = example_batch_for(config, init_batch_size, words=1)     # shapes only matter
         variables = model.init({"params": model_rng, "dropout": model_rng}, batch, train=False)
         variables = dict(variables)
         enc_params = variables.pop("params")
