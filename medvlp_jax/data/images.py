@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import struct
+import zlib
 from typing import Union
 
 import numpy as np
@@ -349,18 +351,35 @@ def resize_and_pad(image: np.ndarray, size: int, *,
 # ---------------------------------------------------------------------------------------------------------
 
 def encode_png(image: np.ndarray) -> bytes:
-    """[h, w] uint8 / uint16 (16-bit greyscale PNG) or [h, w, 3] uint8 (RGB) → PNG bytes."""
-    from PIL import Image
+    """[h, w] uint8 / bool (as 0/255) / uint16 (16-bit greyscale) or [h, w, 3] uint8 (RGB) -> PNG bytes.
+
+    Written with zlib rather than an image library, so the bytes depend only on the pixels (and zlib) and a
+    prepared data set is byte-reproducible. Every row uses PNG's "Sub" filter (each byte minus the byte of the
+    previous pixel, mod 256), which suits smooth radiographs and flat masks alike.
+    """
     a = np.asarray(image)
-    if a.dtype == np.uint16 and a.ndim == 2:
-        im = Image.fromarray(a)                 # mode I;16
-    elif a.dtype == np.uint8 and (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)):
-        im = Image.fromarray(a)
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    if a.ndim == 2 and a.dtype in (np.uint8, np.uint16):
+        depth, color, channels = 8 * a.itemsize, 0, 1       # greyscale
+    elif a.ndim == 3 and a.shape[2] == 3 and a.dtype == np.uint8:
+        depth, color, channels = 8, 2, 3                    # RGB
     else:
-        raise ValueError(f"encode_png takes [h, w] uint8/uint16 or [h, w, 3] uint8, got {a.dtype} {a.shape}")
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
+        raise ValueError(f"encode_png takes [h, w] uint8/bool/uint16 or [h, w, 3] uint8, got {a.dtype} {a.shape}")
+    h, w = a.shape[:2]
+    bpp = channels * a.itemsize                             # bytes per pixel
+    rows = np.ascontiguousarray(a.astype(a.dtype.newbyteorder(">"))).view(np.uint8).reshape(h, w * bpp)
+    raw = np.empty((h, w * bpp + 1), np.uint8)
+    raw[:, 0] = 1                                           # filter type Sub
+    raw[:, 1:bpp + 1] = rows[:, :bpp]
+    raw[:, bpp + 1:] = rows[:, bpp:] - rows[:, :-bpp]
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    header = struct.pack(">IIBBBBB", w, h, depth, color, 0, 0, 0)   # no interlace
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)) + chunk(b"IEND", b""))
 
 
 def decode_png(data: bytes) -> np.ndarray:

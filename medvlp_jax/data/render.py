@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import struct
-import zlib
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -243,31 +241,6 @@ def mask_box(mask: np.ndarray) -> np.ndarray:
     if rows.size == 0:
         return np.zeros(4, _F32)
     return np.array([rows[0] / h, cols[0] / w, (rows[-1] + 1) / h, (cols[-1] + 1) / w], _F32)
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """Encodes a [H, W] uint8 (or bool, as 0/255) grayscale image as PNG bytes; deterministic.
-
-    Written with zlib rather than an image library so the bytes depend only on the pixels (and zlib):
-    rows use PNG's "Sub" filter, which suits smooth radiographs and flat masks alike.
-    """
-    a = np.asarray(image)
-    if a.dtype == bool:
-        a = a.astype(np.uint8) * 255
-    if a.ndim != 2 or a.dtype != np.uint8:
-        raise ValueError(f"encode_png wants a [H, W] uint8 or bool array, got {a.dtype} {a.shape}")
-    h, w = a.shape
-    raw = np.empty((h, w + 1), np.uint8)
-    raw[:, 0] = 1  # filter type Sub: each byte minus the byte to its left (mod 256)
-    raw[:, 1] = a[:, 0]
-    raw[:, 2:] = a[:, 1:] - a[:, :-1]
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)  # 8-bit grayscale, no interlace
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)) + chunk(b"IEND", b""))
 
 
 # ----------------------------------------------------------------------------------------------------

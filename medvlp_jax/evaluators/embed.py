@@ -70,15 +70,23 @@ def _gather(x):
     return jax.jit(lambda a: a, out_shardings=sharding_lib.replicated(x.sharding.mesh))(x)
 
 
-def embed_texts(config, model, variables, mesh, tokenizer, texts: list[str]) -> np.ndarray:
-    """[n, d] text embeddings of arbitrary strings (prompts), through the text tower only."""
+def encode_texts(config, model, variables, mesh, tokenizer, texts: list[str],
+                 fields: tuple[str, ...] = ("txt_emb",)) -> dict[str, np.ndarray]:
+    """Text-tower outputs of arbitrary strings (prompts), replicated on ``mesh``: the named ``TextOutputs``
+    fields, e.g. txt_emb [n, d], word_emb [n, t, d], word_mask / slot_mask [n, t]."""
     tokens = tokenizer_lib.encode(tokenizer, texts, config.data.max_text_len)
     n = len(texts)
     rep = sharding_lib.replicated(mesh)
     tokens = {k: jax.make_array_from_process_local_data(rep, v) for k, v in tokens.items()}
 
     def fwd(variables, toks):
-        return model.apply(variables, toks, train=False, method="encode_text").txt_emb
+        o = model.apply(variables, toks, train=False, method="encode_text")
+        return {f: getattr(o, f) for f in fields}
 
-    out = jax.jit(fwd, out_shardings=sharding_lib.replicated(mesh))(variables, tokens)
-    return np.asarray(jax.device_get(out))[:n]
+    out = jax.jit(fwd, out_shardings=rep)(variables, tokens)
+    return {k: np.asarray(jax.device_get(v))[:n] for k, v in out.items()}
+
+
+def embed_texts(config, model, variables, mesh, tokenizer, texts: list[str]) -> np.ndarray:
+    """[n, d] text embeddings of arbitrary strings (prompts), through the text tower only."""
+    return encode_texts(config, model, variables, mesh, tokenizer, texts)["txt_emb"]

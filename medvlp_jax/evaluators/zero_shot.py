@@ -215,18 +215,8 @@ def multiclass_metrics(scores: np.ndarray, y: np.ndarray, class_names: Sequence[
 
 def encode_prompts(run, config, texts: list[str]) -> dict[str, np.ndarray]:
     """Text-tower outputs of prompts: txt_emb [m, d], word_emb [m, t, d], word_mask/slot_mask [m, t]."""
-    from medvlp_jax import sharding as sharding_lib
-    from medvlp_jax.data import tokenizer as tokenizer_lib
-    tokens = tokenizer_lib.encode(run.tokenizer, texts, config.data.max_text_len)
-    rep = sharding_lib.replicated(run.mesh)
-    tokens = {k: jax.make_array_from_process_local_data(rep, v) for k, v in tokens.items()}
-
-    def fwd(variables, toks):
-        o = run.model.apply(variables, toks, train=False, method="encode_text")
-        return {"txt_emb": o.txt_emb, "word_emb": o.word_emb, "word_mask": o.word_mask, "slot_mask": o.slot_mask}
-
-    out = jax.jit(fwd, out_shardings=rep)(run.variables, tokens)
-    return {k: np.asarray(jax.device_get(v)) for k, v in out.items()}
+    return embed.encode_texts(config, run.model, run.variables, run.mesh, run.tokenizer, texts,
+                              fields=("txt_emb", "word_emb", "word_mask", "slot_mask"))
 
 
 def gloria_scores(run, config, emb: dict[str, np.ndarray], prompts: dict[str, list[str]],

@@ -231,6 +231,24 @@ def test_png_round_trip_8_and_16_bit():
         images.encode_png(np.zeros((4, 4), np.float32))
 
 
+def test_png_of_random_pixels_decodes_exactly_and_is_deterministic():
+    """The zlib writer's Sub filter wraps mod 256 per byte: random pixels (every difference, both bytes of a
+    16-bit sample, three RGB channels) decode exactly with TensorFlow and Pillow; masks store 0/255."""
+    import tensorflow as tf
+    rng = np.random.default_rng(0)
+    cases = {"u8": rng.integers(0, 256, (37, 53), dtype=np.uint8),
+             "u16": rng.integers(0, 65536, (19, 23), dtype=np.uint16),
+             "rgb": rng.integers(0, 256, (11, 13, 3), dtype=np.uint8)}
+    for name, a in cases.items():
+        png = images.encode_png(a)
+        assert png == images.encode_png(a.copy()), name
+        np.testing.assert_array_equal(images.decode_png(png), a, err_msg=name)
+        back = tf.io.decode_png(png, dtype=tf.uint16 if a.dtype == np.uint16 else tf.uint8).numpy()
+        np.testing.assert_array_equal(back.reshape(a.shape), a, err_msg=name)
+    mask = rng.random((20, 30)) > 0.5
+    np.testing.assert_array_equal(tf.io.decode_png(images.encode_png(mask)).numpy()[..., 0], mask * 255)
+
+
 def test_read_any_dispatches_on_suffix(tmp_path):
     tl.write_dicom(str(tmp_path / "x.dcm"), np.arange(16, dtype=np.uint8).reshape(4, 4))
     tl.write_png(str(tmp_path / "x.png"), np.arange(16, dtype=np.uint8).reshape(4, 4))

@@ -174,20 +174,6 @@ def test_finding_validation():
         Finding("opacity", zone="elbow")
 
 
-def test_encode_png_round_trips():
-    import tensorflow as tf
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 256, (37, 53), dtype=np.uint8)
-    back = tf.io.decode_png(render.encode_png(img)).numpy()
-    assert back.shape == (37, 53, 1)
-    np.testing.assert_array_equal(back[..., 0], img)
-    mask = rng.random((20, 30)) > 0.5
-    np.testing.assert_array_equal(tf.io.decode_png(render.encode_png(mask)).numpy()[..., 0], mask * 255)
-    assert render.encode_png(img) == render.encode_png(img.copy())
-    with pytest.raises(ValueError):
-        render.encode_png(np.zeros((4, 4), np.float32))
-
-
 def test_mask_box_matches_reference():
     m = np.zeros((10, 20), bool)
     m[2:5, 7:12] = True

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from medvlp_jax.data import render as render_lib
+from medvlp_jax.data import images, render as render_lib
 from medvlp_jax.data import text as text_lib
 from medvlp_jax.data.render import Finding
 from medvlp_jax.data.writer import ShardedWriter
@@ -284,13 +284,13 @@ def make_example(report: text_lib.IUReport, *, seed: int, image_size: int) -> di
         "id": f"iu-{report.report_id}",
         "patient_id": f"iu-p{report.report_id}",
         "study_id": f"iu-s{report.report_id}",
-        "image": render_lib.encode_png(r.image),
+        "image": images.encode_png(r.image),
         "report": text,
         "labels": labels_for(report.major),
         "finding_names": list(r.names),
         "finding_phrases": [phrase_of[f] for f in r.sources],
         "finding_boxes": r.boxes,
-        "finding_masks": [render_lib.encode_png(m) for m in r.masks],
+        "finding_masks": [images.encode_png(m) for m in r.masks],
     }
 
 
