@@ -39,16 +39,147 @@ def load_tokenizer(path: str):
     return tok
 
 
+def _merged(a: str, b: str) -> str:
+    """The symbol that merging ``a`` and ``b`` makes: ``b`` loses its "##" continuation prefix."""
+    return a + (b[2:] if b.startswith("##") else b)
+
+
+def learn_wordpiece_vocab(word_counts: dict[str, int], vocab_size: int, *, min_frequency: int = 2,
+                          special_tokens: Iterable[str] = SPECIAL_TOKENS) -> list[str]:
+    """A WordPiece vocabulary learned by BPE merges over counted words; deterministic.
+
+    Our own learner (it replaced Hugging Face's ``WordPieceTrainer``, whose ties between equally frequent
+    pairs follow hash-map order and so gave a different vocabulary on every run). What it does:
+
+    - Initial segmentation of a word: its first character, then "##c" for each later character c.
+    - Alphabet, as Hugging Face's BPE/WordPiece trainer: every character of every word as itself, plus "##c"
+      for every character c seen after a word's first character. All words count, however rare.
+    - Merges: repeatedly the adjacent symbol pair with the highest count over all words (weighted by word
+      count; a pair inside a word seen once counts too), merged into a + b without b's "##". Ties go to
+      the smaller merged string, then to the smaller pair (Python string order, i.e. code points). A pair
+      is merged in a word left to right without overlap. Stops when the vocabulary holds ``vocab_size``
+      entries, or when no pair is left or the best pair's count is below ``min_frequency`` (so, as in
+      Hugging Face's trainer, ``min_frequency`` bounds pair counts, not word counts). A merge whose
+      string is already in the vocabulary (reached by another pair) is applied but adds no entry.
+    - Order: ``special_tokens``, then the alphabet sorted by string, then the merged strings in the order
+      learned. If specials plus alphabet exceed ``vocab_size``, the alphabet keeps its most frequent
+      symbols (count in the initial segmentation, descending, then string) and nothing is merged.
+
+    Pair counts and a pair -> words index are updated incrementally after each merge; a heap with lazy
+    deletion finds the best pair.
+
+    Args:
+      word_counts: word -> count (words already normalised and pre-tokenized).
+      vocab_size: the most entries the vocabulary may have, specials included.
+      min_frequency: the least count a pair must have to be merged.
+      special_tokens: put first, in this order.
+
+    Returns:
+      The vocabulary (index = id), never longer than ``vocab_size``.
+    """
+    import heapq
+    specials = list(special_tokens)
+    if vocab_size < len(specials):
+        raise ValueError(f"vocab_size={vocab_size} is smaller than the {len(specials)} special tokens")
+    words = sorted(w for w, c in word_counts.items() if w and c > 0)
+    counts = [int(word_counts[w]) for w in words]
+    segs = [[w[0]] + ["##" + ch for ch in w[1:]] for w in words]
+
+    sym_count: dict[str, int] = {}
+    for w, seg, c in zip(words, segs, counts):
+        for ch in w:                                       # every character as itself (Hugging Face's alphabet)
+            sym_count.setdefault(ch, 0)
+        for s in seg:
+            sym_count[s] = sym_count.get(s, 0) + c
+    room = vocab_size - len(specials)
+    alphabet = sorted(s for s in sym_count if s not in specials)
+    if len(alphabet) > room:                               # keep the most frequent symbols
+        alphabet = sorted(sorted(alphabet, key=lambda s: (-sym_count[s], s))[:room])
+    vocab = specials + alphabet
+    known = set(vocab)
+    if len(alphabet) < len(sym_count):                     # truncated: no room for merges
+        return vocab
+
+    pair_count: dict[tuple[str, str], int] = {}
+    where: dict[tuple[str, str], set[int]] = {}
+    for i, (seg, c) in enumerate(zip(segs, counts)):
+        for p in zip(seg, seg[1:]):
+            pair_count[p] = pair_count.get(p, 0) + c
+            where.setdefault(p, set()).add(i)
+    heap = [(-n, _merged(*p), p) for p, n in pair_count.items()]
+    heapq.heapify(heap)
+
+    while len(vocab) < vocab_size and heap:
+        neg, new, pair = heapq.heappop(heap)
+        n = pair_count.get(pair, 0)
+        if -neg != n:                                      # stale entry: requeue with the current count
+            if n > 0:
+                heapq.heappush(heap, (-n, new, pair))
+            continue
+        if n < min_frequency:
+            break
+        if new not in known:
+            vocab.append(new)
+            known.add(new)
+        a, b = pair
+        changed: dict[tuple[str, str], int] = {}
+        for i in sorted(where.pop(pair)):
+            seg, c = segs[i], counts[i]
+            out, k = [], 0
+            while k < len(seg):
+                if k + 1 < len(seg) and seg[k] == a and seg[k + 1] == b:
+                    out.append(new)
+                    k += 2
+                else:
+                    out.append(seg[k])
+                    k += 1
+            if len(out) == len(seg):                       # the pair had left this word already
+                continue
+            for p in zip(seg, seg[1:]):
+                changed[p] = changed.get(p, 0) - c
+            for p in zip(out, out[1:]):
+                changed[p] = changed.get(p, 0) + c
+                where.setdefault(p, set()).add(i)
+            segs[i] = out
+        for p, d in changed.items():
+            if d == 0:
+                continue
+            m = pair_count.get(p, 0) + d
+            if m > 0:
+                pair_count[p] = m
+            else:
+                pair_count.pop(p, None)
+            if d > 0:                                      # a grown count needs its own heap entry
+                heapq.heappush(heap, (-m, _merged(*p), p))
+    return vocab
+
+
+def count_words(texts: Iterable[str]) -> dict[str, int]:
+    """Word counts after the demo tokenizer's normaliser and pre-tokenizer (lower-cased BERT rules)."""
+    from tokenizers import normalizers, pre_tokenizers
+    norm = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
+    pre = pre_tokenizers.BertPreTokenizer()
+    out: dict[str, int] = {}
+    for t in texts:
+        for w, _ in pre.pre_tokenize_str(norm.normalize_str(t)):
+            out[w] = out.get(w, 0) + 1
+    return out
+
+
 def train_wordpiece(texts: Iterable[str], out_dir: str, *, vocab_size: int = 3000) -> str:
-    """Trains a lower-cased BERT WordPiece vocabulary on ``texts``; saves an HF tokenizer dir."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """Learns a lower-cased BERT WordPiece vocabulary on ``texts``; saves an HF tokenizer dir.
+
+    A pure function of (texts, vocab_size): the vocabulary comes from ``learn_wordpiece_vocab``
+    (min_frequency 2), so vocab.txt and tokenizer.json are the same bytes on every run and in every process.
+    The directory is ``PreTrainedTokenizerFast.save_pretrained``'s plus a plain BERT ``vocab.txt``.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    vocab = learn_wordpiece_vocab(count_words(texts), vocab_size, min_frequency=2)
+    tok = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2)
-    tok.train_from_iterator(list(texts), trainer)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
@@ -56,9 +187,8 @@ def train_wordpiece(texts: Iterable[str], out_dir: str, *, vocab_size: int = 300
                                    sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
     os.makedirs(out_dir, exist_ok=True)
     fast.save_pretrained(out_dir)
-    with open(os.path.join(out_dir, "vocab.txt"), "w") as f:   # also readable as a plain BERT vocab
-        vocab = tok.get_vocab()
-        f.writelines(t + "\n" for t, _ in sorted(vocab.items(), key=lambda kv: kv[1]))
+    with open(os.path.join(out_dir, "vocab.txt"), "w", encoding="utf-8") as f:   # also a plain BERT vocab
+        f.writelines(t + "\n" for t in vocab)
     return out_dir
 
 
