@@ -121,7 +121,7 @@ def _blob(rng, h: int, w: int, quadrant: str) -> np.ndarray:
 def oracle_examples(n: int, *, multi: bool, seed: int):
     """Schema examples: ``multi`` False: one finding per image; True: two findings with their own phrases
     (top-right and bottom-left), and every third image one phrase naming two nodules (a two-box query)."""
-    from medvlp_jax.data import render
+    from medvlp_jax.data import images, render
     rng = np.random.default_rng(seed)
     for i in range(n):
         h, w = STORED[i % len(STORED)]
@@ -145,11 +145,11 @@ def oracle_examples(n: int, *, multi: bool, seed: int):
         labels = np.array([0.0] + [float(k in names) for k in KINDS + ("nodule",)], np.float32)
         yield {
             "id": f"oracle-{seed}-{i:03d}", "patient_id": f"p{seed}-{i:03d}", "study_id": f"s{i:03d}",
-            "image": render.encode_png(np.clip(img, 0, 255).astype(np.uint8)),
+            "image": images.encode_png(np.clip(img, 0, 255).astype(np.uint8)),
             "report": ". ".join(dict.fromkeys(phrases)) + ".", "labels": labels,
             "finding_names": names, "finding_phrases": phrases,
             "finding_boxes": np.stack([render.mask_box(m) for m in masks]).astype(np.float32),
-            "finding_masks": [render.encode_png(m) for m in masks],
+            "finding_masks": [images.encode_png(m) for m in masks],
         }
 
 
