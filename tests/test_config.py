@@ -76,6 +76,18 @@ def test_each_variant_reads_as_model_and_method_settings(name):
         model_config.read(helpers.load_config(name, arg).model)
 
 
+@pytest.mark.parametrize("name", OBJECTIVES.names())
+def test_a_misspelt_method_field_is_an_error(name):
+    """Every objective reads config.method into its settings dataclass: a typo fails when the objective is
+    built instead of silently using a default."""
+    from medvlp_jax.methods import make_objective
+    c = helpers.load_config(name, "test")
+    make_objective(c.method, steps_per_epoch=2)
+    c.method.temperatur = 0.1
+    with pytest.raises(ValueError, match=r"unknown config keys \['temperatur'\]"):
+        make_objective(c.method, steps_per_epoch=2)
+
+
 def test_method_config_shows_defaults_and_rejects_unknown_fields():
     import dataclasses
 

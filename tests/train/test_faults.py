@@ -138,7 +138,8 @@ POISON = 5
 
 @OBJECTIVES.register("convirt_nan_on_record") if "convirt_nan_on_record" not in OBJECTIVES else (lambda f: f)
 def _nan_on_record(cfg, *, steps_per_epoch):
-    base = OBJECTIVES.get("convirt")(cfg, steps_per_epoch=steps_per_epoch)
+    convirt_cfg = {k: v for k, v in cfg.items() if k != "poison_index"}
+    base = OBJECTIVES.get("convirt")(convirt_cfg, steps_per_epoch=steps_per_epoch)
 
     def loss(params, out, batch, ctx):
         value, metrics = base.loss(params, out, batch, ctx)

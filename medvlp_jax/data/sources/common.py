@@ -239,13 +239,3 @@ def finding_arrays(names: list[str], phrases: list[str], boxes: np.ndarray,
     if masks is not None:
         out["finding_masks"] = [images.encode_png(m) for m in masks]
     return out
-
-
-def mask_to_box(mask: np.ndarray) -> np.ndarray:
-    """Normalised (ymin, xmin, ymax, xmax) bounding box of a mask's nonzero pixels (pixel edges)."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        raise ValueError("empty mask has no bounding box")
-    h, w = mask.shape
-    return np.array([rows[0] / h, cols[0] / w, (rows[-1] + 1) / h, (cols[-1] + 1) / w], np.float32)
