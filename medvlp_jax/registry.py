@@ -19,6 +19,12 @@ class Registry:
             return obj
         return deco
 
+    def unregister(self, name: str) -> None:
+        """Removes ``name`` (e.g. an objective a test registered for itself)."""
+        if name not in self._items:
+            raise KeyError(f"{self.kind} {name!r} is not registered")
+        del self._items[name]
+
     def get(self, name: str) -> Any:
         if name not in self._items:
             raise KeyError(f"unknown {self.kind} {name!r}; known: {sorted(self._items)}")

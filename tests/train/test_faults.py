@@ -136,7 +136,6 @@ def test_half_written_checkpoints_are_ignored_and_the_previous_one_is_used(tmp_p
 POISON = 5
 
 
-@OBJECTIVES.register("convirt_nan_on_record") if "convirt_nan_on_record" not in OBJECTIVES else (lambda f: f)
 def _nan_on_record(cfg, *, steps_per_epoch):
     convirt_cfg = {k: v for k, v in cfg.items() if k != "poison_index"}
     base = OBJECTIVES.get("convirt")(convirt_cfg, steps_per_epoch=steps_per_epoch)
@@ -186,7 +185,16 @@ def compilation_cache(tmp_path_factory):
     cc.reset_cache()
 
 
-def test_nonfinite_stop_names_step_and_records_and_skip_counts(tmp_path, data_root, compilation_cache):
+@pytest.fixture
+def nan_on_record_objective():
+    """Registered for the test only, so registry-driven tests (every method has a config...) never see it."""
+    OBJECTIVES.register("convirt_nan_on_record")(_nan_on_record)
+    yield
+    OBJECTIVES.unregister("convirt_nan_on_record")
+
+
+def test_nonfinite_stop_names_step_and_records_and_skip_counts(tmp_path, data_root, compilation_cache,
+                                                                nan_on_record_objective):
     from medvlp_jax.train import loop
     total = 7                                    # 24 examples / batch 8: the poisoned record comes once per 3 steps
     stop_cfg = _config(data_root, "stop", total)
