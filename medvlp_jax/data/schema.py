@@ -95,7 +95,9 @@ def serialize(example: dict[str, Any], num_classes: int) -> bytes:
         "finding_boxes": float_list(boxes.reshape(-1)),
         "finding_masks": bytes_list(masks),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+    # deterministic=True writes the feature map sorted by key: otherwise protobuf's map order, and so the shard
+    # bytes, change from process to process (same records, different files).
+    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString(deterministic=True)
 
 
 def read_info(root: str) -> dict[str, Any]:
