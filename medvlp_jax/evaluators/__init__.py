@@ -24,8 +24,9 @@ Evaluator interface (every evaluator module follows it)::
   ``"protocol/..."``: sizes, fractions, seeds, splits). Everything must be JSON-serialisable.
   ``run_suite`` writes it unchanged to ``<workdir>/eval/<name>.json`` and tabulates the floats.
 
-Adding an evaluator: write ``medvlp_jax/evaluators/<name>.py`` with the decorated ``evaluate`` and add
-``<name>`` to ``EVALUATOR_MODULES`` below (modules are imported lazily, on first use of the registry).
+Adding an evaluator: write ``medvlp_jax/evaluators/<name>.py`` with the decorated ``evaluate``. Every module of
+this package except the shared helpers (``HELPER_MODULES``) is an evaluator and is imported on first use of the
+registry, so nothing else needs an edit.
 """
 from __future__ import annotations
 
@@ -43,11 +44,15 @@ from medvlp_jax.registry import Registry
 
 EVALUATORS = Registry("evaluator")
 
-# Modules that register into EVALUATORS; imported on first use so that importing this package stays cheap.
-EVALUATOR_MODULES: tuple[str, ...] = (
-    "quick", "zero_shot", "retrieval", "linear_probe", "finetune",
-    "segmentation", "detection", "grounding",
-)
+# Modules of this package that register nothing: the helpers the evaluators share. Every other module registers
+# into EVALUATORS and is imported on first use, so that importing this package stays cheap.
+HELPER_MODULES: tuple[str, ...] = ("common", "dense", "embed", "localized")
+
+
+def evaluator_modules() -> list[str]:
+    """The names of this package's evaluator modules (every module but ``HELPER_MODULES``), sorted."""
+    import pkgutil
+    return sorted(info.name for info in pkgutil.iter_modules(__path__) if info.name not in HELPER_MODULES)
 
 _loaded = False
 
@@ -57,13 +62,8 @@ def load_evaluators() -> Registry:
     global _loaded
     if not _loaded:
         _loaded = True
-        for name in EVALUATOR_MODULES:
-            try:
-                importlib.import_module(f"{__name__}.{name}")
-            except ModuleNotFoundError as e:
-                # Only tolerate the module itself being absent (work in progress), never its broken imports.
-                if e.name != f"{__name__}.{name}":
-                    raise
+        for name in evaluator_modules():
+            importlib.import_module(f"{__name__}.{name}")
     return EVALUATORS
 
 

@@ -84,6 +84,8 @@ def test_registry_and_markdown():
     from medvlp_jax import evaluators
     names = evaluators.load_evaluators().names()
     assert set(TASKS) <= set(names)
+    # Every non-helper module of the package is an evaluator registered under its own name (file == name).
+    assert evaluators.evaluator_modules() == names
     md = evaluators.results_markdown({"a": {"x": 0.5, "n": 3, "protocol/data": "d"}, "a_untrained": {"x": 0.25}})
     assert "_data=d_" in md and "| x | 0.5000 | 0.2500 |" in md and "| n | 3 |  |" in md
 
