@@ -39,7 +39,8 @@ import ml_collections
 import numpy as np
 
 from medvlp_jax import metrics, sharding as sharding_lib
-from medvlp_jax.evaluators import EVALUATORS, data_info, eval_config
+from medvlp_jax.evaluators import EVALUATORS
+from medvlp_jax.evaluators.protocol import data_info, eval_config
 from medvlp_jax.evaluators.dense import (HeadTrainer, batched_apply, dense_head_inputs, grid_shape, head_inputs_of,
                                          init_head, norm_groups_for, padded_batch_size, read_splits, upsample2x)
 from medvlp_jax.evaluators.localized import LocalizedSplit, fraction_key, fraction_subset

@@ -26,7 +26,8 @@ import optax
 
 from medvlp_jax import sharding as sharding_lib
 from medvlp_jax.data.fields import read_split_fields
-from medvlp_jax.evaluators import EVALUATORS, binary_labels, class_columns, data_info, eval_config
+from medvlp_jax.evaluators import EVALUATORS
+from medvlp_jax.evaluators.protocol import binary_labels, class_columns, data_info, eval_config
 from medvlp_jax.evaluators import linear_probe as lp
 
 

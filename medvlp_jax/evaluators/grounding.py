@@ -48,7 +48,8 @@ import numpy as np
 
 from medvlp_jax import metrics, sharding as sharding_lib, viz
 from medvlp_jax.data import tokenizer as tokenizer_lib
-from medvlp_jax.evaluators import EVALUATORS, data_info, default_data, eval_config
+from medvlp_jax.evaluators import EVALUATORS
+from medvlp_jax.evaluators.protocol import data_info, default_data, eval_config
 from medvlp_jax.evaluators.dense import batched_apply
 from medvlp_jax.evaluators.localized import LocalizedSplit, read_localized_split
 

@@ -31,7 +31,8 @@ import numpy as np
 import optax
 
 from medvlp_jax import metrics
-from medvlp_jax.evaluators import EVALUATORS, binary_labels, class_columns, data_info, eval_config, is_single_label
+from medvlp_jax.evaluators import EVALUATORS
+from medvlp_jax.evaluators.protocol import binary_labels, class_columns, data_info, eval_config, is_single_label
 from medvlp_jax.evaluators import embed
 
 TASKS = ("multilabel", "multiclass")

@@ -16,7 +16,7 @@ import numpy as np
 
 from medvlp_jax import metrics
 from medvlp_jax.data import decode, pipeline, schema
-from medvlp_jax.evaluators import data_info
+from medvlp_jax.evaluators.protocol import data_info
 
 
 @dataclasses.dataclass

@@ -21,7 +21,8 @@ import numpy as np
 
 from medvlp_jax import metrics
 from medvlp_jax.data.fields import read_split_fields
-from medvlp_jax.evaluators import EVALUATORS, binary_labels, class_columns, data_info, eval_config, zero_shot
+from medvlp_jax.evaluators import EVALUATORS, zero_shot
+from medvlp_jax.evaluators.protocol import binary_labels, class_columns, data_info, eval_config
 from medvlp_jax.evaluators import embed
 
 

@@ -33,9 +33,8 @@ import ml_collections
 import numpy as np
 
 from medvlp_jax import metrics
-from medvlp_jax.evaluators import (EVALUATORS, binary_labels, class_columns, data_info, eval_config,
-                                   is_single_label)
-from medvlp_jax.evaluators import embed, quick
+from medvlp_jax.evaluators import EVALUATORS, embed, quick
+from medvlp_jax.evaluators.protocol import binary_labels, class_columns, data_info, eval_config, is_single_label
 
 # Prompts of the built-in synthetic data (data/sources/synthetic.py): the report phrases' vocabulary.
 SYNTHETIC_PROMPTS: dict[str, list[str]] = {
