@@ -228,8 +228,8 @@ class _Source:
     def line(self, path: str, line: int) -> str:
         if path not in self.cache:
             candidates = [path]
-            if self.root and "medvlp_jax/" in path:
-                candidates.append(os.path.join(self.root, path[path.index("medvlp_jax/"):]))
+            if self.root and "medvlp_jax/" in path:     # the last one: the package, not a checkout directory
+                candidates.append(os.path.join(self.root, path[path.rindex("medvlp_jax/"):]))
             self.cache[path] = []
             for p in candidates:
                 if os.path.isfile(p):
