@@ -36,9 +36,6 @@ def freeze_untrainable(inner: optax.GradientTransformation, trainable: Callable[
     moments, found by ``optax.tree_utils.tree_map_params``) keeps its old value; the other parts (counts)
     advance as usual. The state is ``inner``'s own, so checkpoints do not change layout.
     """
-    def init(params):
-        return inner.init(params)
-
     def update(updates, state, params=None, *, step, **extra_args):
         keep = jax.tree.map(lambda k, sub: jax.tree.map(lambda _: jnp.asarray(k), sub), trainable(step), updates)
         new_updates, new_state = optax.with_extra_args_support(inner).update(updates, state, params, **extra_args)
@@ -48,7 +45,7 @@ def freeze_untrainable(inner: optax.GradientTransformation, trainable: Callable[
         new_state = jax.tree.map(lambda k, n, o: jnp.where(k, n, o), state_keep, new_state, state)
         return new_updates, new_state
 
-    return optax.GradientTransformationExtraArgs(init, update)
+    return optax.GradientTransformationExtraArgs(inner.init, update)
 
 
 def freeze_objective_leaves(tx: optax.GradientTransformation, objective) -> optax.GradientTransformation:
