@@ -28,6 +28,17 @@ the boxes, in the crop's coordinates (same resize / pad / centre crop as the ima
 ``cosine/miou`` (and per finding) whatever ``map`` is, so every method is also scored on the MS-CXR protocol
 (a method's own maps can collapse onto one region while its embeddings still localise: GLoRIA's demo run).
 
+Why maps fail, beside the protocol's scores (CNR is unsigned, so a map that is cold on the finding scores
+as well as one that is hot on it):
+
+* ``signed_contrast``: (mean of the map inside the boxes - mean outside) / the map's standard deviation,
+  averaged over phrases (``score_map``); ``cold_fraction``: the share of phrases whose map is lower inside
+  their boxes than outside (about 0.5 for maps unrelated to the boxes, near 1 for inverted maps);
+* ``phrase_specificity``: 1 - the mean Pearson correlation of the grid maps of two different phrases on the
+  same image (0: the map ignores the text; ``map_specificity``);
+* ``image_specificity``: 1 - the mean correlation of the grid maps of the same phrase text on different
+  images (0: the map ignores the image, e.g. words tied to fixed positions).
+
 Results: means over phrases, per finding name (``cnr/<name>``, ...), ``pointing_game_chance`` (the share of
 the grid's patch centres inside the boxes: the hit rate of a map whose maximum falls on a uniformly random
 patch; about the boxes' share of the image), and protocol facts. A few figures
@@ -212,9 +223,62 @@ def score_map(sim_map: np.ndarray, boxes: np.ndarray, grid_map: Optional[np.ndar
     else:
         point_map = np.asarray(grid_map)
         points = np.stack([cells_in_box(b, point_map.shape, centres) for b in np.asarray(boxes).reshape(-1, 4)])
+    union = masks.any(axis=0)
     return {"cnr": metrics.cnr(sim_map, masks), "pointing_game": float(metrics.pointing_game(point_map, points)),
             "miou": metrics.miou_at_thresholds(sim_map, masks),
-            "pointing_game_chance": float(points.any(axis=0).mean())}
+            "pointing_game_chance": float(points.any(axis=0).mean()),
+            **signed_contrast(sim_map, union)}
+
+
+def signed_contrast(sim_map: np.ndarray, inside: np.ndarray) -> dict[str, float]:
+    """``signed_contrast`` = (mean of ``sim_map`` [h, w] over ``inside`` [h, w] bool - mean outside) / its
+    standard deviation (0 for a constant map or an empty side) and ``cold_fraction`` (1.0 when negative)."""
+    m = np.asarray(sim_map, np.float64)
+    sd = m.std()
+    if sd == 0 or not inside.any() or inside.all():
+        value = 0.0
+    else:
+        value = float((m[inside].mean() - m[~inside].mean()) / sd)
+    return {"signed_contrast": value, "cold_fraction": float(value < 0)}
+
+
+def _mean_correlation(pairs: list[tuple[np.ndarray, np.ndarray]]) -> Optional[float]:
+    """Mean Pearson correlation over pairs of equally shaped maps (pairs with a constant map count as 1:
+    a constant map carries no location of its own); None without pairs."""
+    if not pairs:
+        return None
+    out = []
+    for a, b in pairs:
+        a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+        out.append(1.0 if a.std() == 0 or b.std() == 0 else float(np.corrcoef(a, b)[0, 1]))
+    return float(np.mean(out))
+
+
+def map_specificity(queries: Sequence[PhraseQuery], grids: np.ndarray) -> dict[str, float]:
+    """How much a method's maps depend on the phrase and on the image (see module docstring).
+
+    Args:
+        queries: the grounding queries, in order.
+        grids: [m, gh, gw] their grid maps.
+
+    Returns:
+        ``phrase_specificity``: 1 - mean correlation between the maps of consecutive distinct phrases of one
+        image (absent when no image has two phrases); ``image_specificity``: 1 - mean correlation between
+        the maps of each phrase text on consecutive images that hold it (absent when no text repeats).
+    """
+    by_image: dict[int, list[int]] = {}
+    by_text: dict[str, list[int]] = {}
+    for k, q in enumerate(queries):
+        by_image.setdefault(q.example, []).append(k)
+        by_text.setdefault(q.phrase, []).append(k)
+    consecutive = lambda groups: [(grids[ks[i]], grids[ks[i + 1]])  # noqa: E731
+                                  for ks in groups.values() for i in range(len(ks) - 1)]
+    out = {}
+    for key, groups in (("phrase_specificity", by_image), ("image_specificity", by_text)):
+        corr = _mean_correlation(consecutive(groups))
+        if corr is not None:
+            out[key] = 1.0 - corr
+    return out
 
 
 def aggregate(scores: list[dict[str, float]], names: list[str]) -> dict[str, Any]:
@@ -234,20 +298,21 @@ def aggregate(scores: list[dict[str, float]], names: list[str]) -> dict[str, Any
 
 
 def ground_split(run, split: LocalizedSplit, *, mode: str = "auto", batch_size: int = 0,
-                 alignment: str = "encoder") -> tuple[list[PhraseQuery], np.ndarray, list[dict[str, float]]]:
+                 alignment: str = "encoder"):
     """Maps and scores of every query of ``split`` (``alignment``: see ALIGNMENTS).
 
     Returns:
-        (queries, image-sized maps [m, crop, crop], per-query scores).
+        (queries, image-sized maps [m, crop, crop], per-query scores, the grid maps [m, gh, gw] those were
+        upsampled from).
     """
     queries = phrase_queries(split)
     if not queries:
-        return [], np.zeros((0, split.size, split.size), np.float32), []
+        return [], np.zeros((0, split.size, split.size), np.float32), [], np.zeros((0, 1, 1), np.float32)
     images = split.images[[q.example for q in queries]]
     grids = phrase_maps(run, images, [q.phrase for q in queries], mode=mode, batch_size=batch_size)
     maps, centres = upsample_to_crop(run, grids, split.size, alignment)
     scores = [score_map(m, q.boxes, grid_map=g, centres=centres) for m, g, q in zip(maps, grids, queries)]
-    return queries, maps, scores
+    return queries, maps, scores, grids
 
 
 def write_heatmaps(split: LocalizedSplit, queries: list[PhraseQuery], maps: np.ndarray, out_dir: str,
@@ -276,15 +341,20 @@ def evaluate(run, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     mode = resolve_mode(run, cfg.get("map", "auto"))
     batch_size = int(cfg.get("batch_size", 0) or config.train.batch_size)
     alignment = cfg.get("grid_alignment", "encoder")
-    queries, maps, scores = ground_split(run, split, mode=mode, batch_size=batch_size, alignment=alignment)
+    queries, maps, scores, grids = ground_split(run, split, mode=mode, batch_size=batch_size,
+                                                           alignment=alignment)
     names = [q.name for q in queries]
-    res: dict[str, Any] = aggregate(scores, names)
+    res: dict[str, Any] = {**aggregate(scores, names), **map_specificity(queries, grids)}
     if cfg.get("also_cosine", True):
         # The phrase-patch cosine maps' scores beside the method's own maps (the same figures when the map is
         # already the cosine), so methods with and without local maps compare on one protocol.
-        cos_scores = scores if mode == "cosine" else ground_split(run, split, mode="cosine", batch_size=batch_size,
-                                                                  alignment=alignment)[2]
-        res.update({f"cosine/{k}": v for k, v in aggregate(cos_scores, names).items()
+        if mode == "cosine":
+            cos_scores, cos_grids = scores, grids
+        else:
+            _, _, cos_scores, cos_grids = ground_split(run, split, mode="cosine", batch_size=batch_size,
+                                                                  alignment=alignment)
+        cosine = {**aggregate(cos_scores, names), **map_specificity(queries, cos_grids)}
+        res.update({f"cosine/{k}": v for k, v in cosine.items()
                     if not k.startswith(("protocol/", "pointing_game_chance"))})
     res.update({
         "protocol/data": info.get("name", ""), "protocol/root": config.data.root,

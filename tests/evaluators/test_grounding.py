@@ -32,6 +32,51 @@ def test_map_peaking_inside_the_box_scores_well():
     assert two["pointing_game_chance"] == pytest.approx(24 * 16 / 1024)
 
 
+def test_signed_contrast_tells_hot_from_cold_maps():
+    """CNR is unsigned: a map hot on the box and the same map negated score the same CNR; the signed contrast
+    ((mean in - mean out) / sd, by hand here) is positive for one and negative for the other."""
+    from medvlp_jax.evaluators.grounding import score_map, signed_contrast
+    box = np.array([[0.25, 0.5, 0.75, 1.0]])          # rows 8..23, cols 16..31 of a 32x32 map
+    m = np.zeros((32, 32))
+    m[8:24, 16:32] = 1.0
+    m[0, 0] = 3.0                                     # outside values that are not all equal
+    inside = np.zeros((32, 32), bool)
+    inside[8:24, 16:32] = True
+    expected = (1.0 - 3.0 / 768) / m.std()            # 256 ones inside; outside 767 zeros and one 3
+    hot, cold = score_map(m, box), score_map(-m, box)
+    assert hot["cnr"] == pytest.approx(cold["cnr"])
+    assert hot["signed_contrast"] == pytest.approx(expected) and hot["cold_fraction"] == 0.0
+    assert cold["signed_contrast"] == pytest.approx(-expected) and cold["cold_fraction"] == 1.0
+    assert signed_contrast(np.ones((4, 4)), inside[:4, :4]) == {"signed_contrast": 0.0, "cold_fraction": 0.0}
+    assert signed_contrast(m, np.zeros((32, 32), bool))["signed_contrast"] == 0.0
+
+
+def test_map_specificity_against_hand_built_maps():
+    """phrase_specificity: 1 - correlation of two phrases' maps on one image; image_specificity: 1 -
+    correlation of one phrase's maps on consecutive images that hold it (consecutive pairs only)."""
+    from medvlp_jax.evaluators.grounding import PhraseQuery, map_specificity
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, 4, 4))
+    box = np.zeros((1, 4))
+    q = lambda example, phrase: PhraseQuery(example, phrase, phrase, box)  # noqa: E731
+    queries = [q(0, "p"), q(0, "r"), q(1, "p"), q(1, "r"), q(2, "p")]
+    # Maps that ignore the text (one map per image) and follow the image: phrase 0, image 1.
+    grids = np.stack([a, a, b, b, a])
+    corr_ab = np.corrcoef(a.ravel(), b.ravel())[0, 1]
+    out = map_specificity(queries, grids)
+    assert out["phrase_specificity"] == pytest.approx(0.0, abs=1e-12)
+    # "p" pairs: (image 0, image 1) -> corr(a, b); (image 1, image 2) -> corr(b, a); "r": (0, 1) -> corr(a, b).
+    assert out["image_specificity"] == pytest.approx(1.0 - corr_ab)
+    # Maps tied to the text whatever the image: image specificity 0; opposite maps for the two phrases: 2.
+    grids = np.stack([a, -a, a, -a, a])
+    out = map_specificity(queries, grids)
+    assert out["image_specificity"] == pytest.approx(0.0, abs=1e-12)
+    assert out["phrase_specificity"] == pytest.approx(2.0)
+    # No image with two phrases and no repeated text: neither key; a constant map counts as correlation 1.
+    assert map_specificity([q(0, "p"), q(1, "r")], grids[:2]) == {}
+    assert map_specificity([q(0, "p"), q(0, "r")], np.stack([a, np.zeros((4, 4))])) == {"phrase_specificity": 0.0}
+
+
 def _split(phrases, names, boxes, size=8):
     from medvlp_jax.evaluators.localized import LocalizedSplit
     n = len(phrases)

@@ -265,10 +265,10 @@ def test_misoriented_oracle_maps_score_at_or_below_chance(oracle_run, single, gr
     """The same oracle flipped left-right, up-down or transposed (what a y/x swap or a flipped grid or
     upsampling would do) misses: pointing game <= chance, mIoU ~0, CNR a fraction of the oracle's."""
     from medvlp_jax.evaluators import grounding
-    _, _, right = grounding.ground_split(_with_model(oracle_run, grid), single, mode="objective")
+    _, _, right, _ = grounding.ground_split(_with_model(oracle_run, grid), single, mode="objective")
     assert _mean(right, "pointing_game") >= 0.95
     for how in CONTROLS:
-        _, _, wrong = grounding.ground_split(_with_model(oracle_run, grid, how), single, mode="objective")
+        _, _, wrong, _ = grounding.ground_split(_with_model(oracle_run, grid, how), single, mode="objective")
         assert _mean(wrong, "pointing_game") <= _mean(right, "pointing_game_chance"), how
         assert _mean(wrong, "miou") < 0.05 and _mean(wrong, "cnr") < _mean(right, "cnr") / 3, how
 
@@ -343,16 +343,20 @@ def test_mask_oracle_with_several_findings_per_image(oracle_run, mask_oracle, mo
     res = grounding.evaluate(oracle_run, _cfg("multi"))
     assert res["protocol/num_phrases"] == 20 and res["protocol/num_phrases/nodule"] == 4
     assert res["pointing_game"] >= 0.95 and res["cnr"] > 1.5 and res["miou"] > 0.35, res
-    queries, _, scores = grounding.ground_split(oracle_run, split)
+    # Hot on every finding, and each phrase's map differs from the other phrase's on the same image.
+    assert res["cold_fraction"] == 0.0 and res["signed_contrast"] > 1.0, res
+    assert res["phrase_specificity"] > 1.0, res
+    queries, _, scores, _ = grounding.ground_split(oracle_run, split)
     two_box = [len(q.boxes) == 2 for q in queries]
     assert sum(two_box) == 4
     chance = np.mean([s["pointing_game_chance"] for s in scores])
     for how in CONTROLS:
         monkeypatch.setattr(grounding, "phrase_maps", make(grid, how))
-        _, _, wrong = grounding.ground_split(oracle_run, split)
+        _, _, wrong, _ = grounding.ground_split(oracle_run, split)
         single = [s for s, two in zip(wrong, two_box) if not two]
         assert np.mean([s["pointing_game"] for s in single]) <= chance, how
         assert np.mean([s["miou"] for s in single]) < 0.05, how
+        assert np.mean([s["signed_contrast"] for s in single]) < 0, how      # cold on its own finding
 
 
 # ----------------------------------------------------------------------------------------------------------
