@@ -55,6 +55,26 @@ def parse_value(key: str, default: Any, text: str) -> Any:
         raise ConfigError(f"config argument {key}={text!r} is not of type {type(default).__name__}") from None
 
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def repo_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """``configs/<name>.py:<arg>`` of this repository, through the launchers' loader (``get_config(arg)``).
+
+    Raises:
+        FileNotFoundError: the repository has no configs/<name>.py (configs/ is not a package: an installed
+            wheel without the checkout has none).
+    """
+    import importlib.util
+    path = os.path.join(REPO_ROOT, "configs", f"{name}.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: configs/ of the repository checkout is needed")
+    spec = importlib.util.spec_from_file_location(f"medvlp_repo_cfg_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     """Parses 'demo,image=resnet' into ConfigDict(variant='demo', image='resnet', ...defaults)."""
     out = dict(variant="paper", **defaults)

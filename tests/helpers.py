@@ -11,11 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load_config(name: str, arg: str = "test"):
     """configs/<name>.py:<arg> through the same loader as the launchers."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    from medvlp_jax import config_lib
+    return config_lib.repo_config(name, arg)
 
 
 def random_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -9,7 +9,7 @@ layers, bottom up (issue 12 describes the target):
   3  config_lib
   4  train
   5  evaluators, released                                               (released: checkpoint import)
-  6  inference, benchmark_lib, run_summary
+  6  inference, benchmark_lib, run_summary, localization_study
   7  app                                                                 (launch/ sits above it)
 """
 import ast
@@ -24,7 +24,7 @@ LAYERS = {
     3: ("config_lib",),
     4: ("train",),
     5: ("evaluators", "released"),
-    6: ("inference", "benchmark_lib", "run_summary"),
+    6: ("inference", "benchmark_lib", "run_summary", "localization_study"),
     7: ("app",),
 }
 RANK = {part: rank for rank, parts in LAYERS.items() for part in parts}

@@ -8,17 +8,14 @@ quirks of the released model, and ``data.*`` pointing at the data and tokenizer 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 from typing import Any, Mapping, Optional
 
 import ml_collections
 
+from medvlp_jax import config_lib
 from medvlp_jax.released.namemap import CheckpointImportError, ReleasedImportReport
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 @dataclasses.dataclass
 class ImportOptions:
@@ -42,13 +39,10 @@ class ImportOptions:
 
 def method_config(name: str, arg: str) -> ml_collections.ConfigDict:
     """``configs/<name>.py:<arg>`` of this repository (the configs/ folder is not a package)."""
-    path = os.path.join(REPO_ROOT, "configs", f"{name}.py")
-    if not os.path.isfile(path):
-        raise CheckpointImportError(f"{path} is missing: the importer builds on the repository's method configs")
-    spec = importlib.util.spec_from_file_location(f"medvlp_released_cfg_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    try:
+        return config_lib.repo_config(name, arg)
+    except FileNotFoundError as e:
+        raise CheckpointImportError(f"{e}; the importer builds on the repository's method configs") from None
 
 
 def _dataset_name(root: str) -> Optional[str]:
