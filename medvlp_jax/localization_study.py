@@ -97,7 +97,7 @@ def grounding_eval_config(num_heatmaps: int = 4) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.evaluators = ["grounding"]
     c.grounding = ml_collections.ConfigDict(dict(
-        data=evaluators.default_data(), batch_size=0, seed=0, map="auto", also_cosine=True,
+        data=evaluators.default_data(), batch_size=0, seed=0, map="auto", also_cosine=True, also_oracle=True,
         grid_alignment="encoder", num_heatmaps=num_heatmaps, heatmaps_dir="", limit_examples=0))
     return c
 
@@ -133,6 +133,7 @@ COLUMNS = (
     ("cosine PG", "cosine/pointing_game", "{:.3f}"),
     ("cosine CNR", "cosine/cnr", "{:.2f}"),
     ("cosine signed contrast", "cosine/signed_contrast", "{:+.2f}"),
+    ("oracle PG", "oracle/pointing_game", "{:.3f}"),
 )
 
 

@@ -32,6 +32,7 @@ def grounding_config(preset: str = "demo", root: str = "") -> ml_collections.Con
     c.seed = 0                         # unused (no training); part of every evaluator config
     c.map = "auto"                     # auto | objective | cosine
     c.also_cosine = True               # also score the phrase-patch cosine maps (cosine/* keys)
+    c.also_oracle = True               # also score maps built from the finding masks at the grid (oracle/* keys)
     c.grid_alignment = "encoder"       # cells at the encoder's receptive-field centres | "half_pixel"
     c.num_heatmaps = 8                 # figures written to heatmaps_dir (0: none)
     c.heatmaps_dir = ""                # "" = <checkpoint>/eval/heatmaps

@@ -24,6 +24,10 @@ the boxes, in the crop's coordinates (same resize / pad / centre crop as the ima
   whatever the boxes (on the demo's 8x8 grid ~40% of untrained maps peak on an edge patch; noise maps
   scored 0.09 against a stated chance of 0.14).
 
+``cfg.also_oracle`` (default True) adds ``oracle/pointing_game``, ``oracle/cnr``, ``oracle/miou`` (and per
+finding): the same protocol on maps built from the finding masks at the encoder's grid (``oracle_grid_maps``),
+the best a map of that grid can score, beside the chance level below.
+
 ``cfg.also_cosine`` (default True) adds the cosine maps' scores as ``cosine/cnr``, ``cosine/pointing_game``,
 ``cosine/miou`` (and per finding) whatever ``map`` is, so every method is also scored on the MS-CXR protocol
 (a method's own maps can collapse onto one region while its embeddings still localise: GLoRIA's demo run).
@@ -157,6 +161,27 @@ def upsample_to_crop(run, grids: np.ndarray, size: int, alignment: str = "encode
     centres = grid_centres_of(run, np.zeros((size, size, int(run.config.data.channels)), np.float32)) \
         if alignment == "encoder" and len(grids) else None
     return np.stack([viz.upsample_bilinear(g, (size, size), centres) for g in grids]), centres
+
+
+def oracle_grid_maps(split: LocalizedSplit, queries: Sequence[PhraseQuery], grid: tuple[int, int],
+                     centres=None) -> np.ndarray:
+    """[m, gh, gw] the best maps a grid of this shape can hold: each cell's share of pixels inside the query's
+    finding masks, each pixel of the crop going to the cell whose centre is nearest (``centres``:
+    ``types.GridCentres``; None: half-pixel centres, where the cells are equal blocks)."""
+    size = split.size
+    cy, cx = (None, None) if centres is None else centres
+    pixels = (np.arange(size) + 0.5) / size
+    rows = np.abs(pixels[:, None] - viz.cell_centres(grid[0], cy)[None]).argmin(axis=1)
+    cols = np.abs(pixels[:, None] - viz.cell_centres(grid[1], cx)[None]).argmin(axis=1)
+    cell = (rows[:, None] * grid[1] + cols[None, :]).ravel()               # [size * size] cell of each pixel
+    counts = np.bincount(cell, minlength=grid[0] * grid[1])
+    out = []
+    for q in queries:
+        same = [j for j, phrase in enumerate(split.phrases[q.example]) if phrase == q.phrase]
+        inside = split.masks[q.example][same].any(axis=0).ravel()
+        share = np.bincount(cell, weights=inside, minlength=grid[0] * grid[1]) / np.maximum(counts, 1)
+        out.append(share.reshape(grid))
+    return np.stack(out).astype(np.float32) if out else np.zeros((0, *grid), np.float32)
 
 
 def phrase_maps(run, images: np.ndarray, phrases: Sequence[str], *, mode: str = "auto", batch_size: int = 0,
@@ -342,9 +367,18 @@ def evaluate(run, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     batch_size = int(cfg.get("batch_size", 0) or config.train.batch_size)
     alignment = cfg.get("grid_alignment", "encoder")
     queries, maps, scores, grids = ground_split(run, split, mode=mode, batch_size=batch_size,
-                                                           alignment=alignment)
+                                                alignment=alignment)
     names = [q.name for q in queries]
     res: dict[str, Any] = {**aggregate(scores, names), **map_specificity(queries, grids)}
+    if cfg.get("also_oracle", True) and queries:
+        # The protocol's ceiling at this encoder's grid: maps built from the finding masks, scored the same way.
+        centres = upsample_to_crop(run, grids[:1], split.size, alignment)[1]
+        oracle = oracle_grid_maps(split, queries, grids.shape[1:], centres)
+        upsampled = upsample_to_crop(run, oracle, split.size, alignment)[0]
+        oracle_scores = [score_map(m, q.boxes, grid_map=g, centres=centres)
+                         for m, g, q in zip(upsampled, oracle, queries)]
+        res.update({f"oracle/{k}": v for k, v in aggregate(oracle_scores, names).items()
+                    if k.split("/")[0] in ("pointing_game", "cnr", "miou")})
     if cfg.get("also_cosine", True):
         # The phrase-patch cosine maps' scores beside the method's own maps (the same figures when the map is
         # already the cosine), so methods with and without local maps compare on one protocol.
@@ -352,7 +386,7 @@ def evaluate(run, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
             cos_scores, cos_grids = scores, grids
         else:
             _, _, cos_scores, cos_grids = ground_split(run, split, mode="cosine", batch_size=batch_size,
-                                                                  alignment=alignment)
+                                                       alignment=alignment)
         cosine = {**aggregate(cos_scores, names), **map_specificity(queries, cos_grids)}
         res.update({f"cosine/{k}": v for k, v in cosine.items()
                     if not k.startswith(("protocol/", "pointing_game_chance"))})

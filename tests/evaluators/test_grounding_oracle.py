@@ -256,6 +256,7 @@ def test_oracle_maps_score_as_an_oracle_through_evaluate(oracle_run, grid):
     assert res["pointing_game"] >= 0.95, res
     assert res["cnr"] > 1.5 and res["miou"] > 0.25, res
     assert res["cosine/pointing_game"] == res["pointing_game"]
+    assert res["oracle/pointing_game"] >= 0.95 and res["oracle/cnr"] > 1.5, res      # the evaluator's mask oracle
     for kind in KINDS:
         assert res[f"pointing_game/{kind}"] >= 0.95
 
@@ -343,6 +344,10 @@ def test_mask_oracle_with_several_findings_per_image(oracle_run, mask_oracle, mo
     res = grounding.evaluate(oracle_run, _cfg("multi"))
     assert res["protocol/num_phrases"] == 20 and res["protocol/num_phrases/nodule"] == 4
     assert res["pointing_game"] >= 0.95 and res["cnr"] > 1.5 and res["miou"] > 0.35, res
+    # The evaluator's own oracle (its pooling of the masks, nearest cell centre) is this file's area-pooled mask
+    # oracle at half-pixel centres: the same scores.
+    for k in ("pointing_game", "cnr", "miou"):
+        assert res[f"oracle/{k}"] == pytest.approx(res[k], rel=1e-5), k
     # Hot on every finding, and each phrase's map differs from the other phrase's on the same image.
     assert res["cold_fraction"] == 0.0 and res["signed_contrast"] > 1.0, res
     assert res["phrase_specificity"] > 1.0, res
