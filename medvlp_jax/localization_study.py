@@ -130,6 +130,8 @@ COLUMNS = (
     ("own mIoU", "miou", "{:.3f}"),
     ("own signed contrast", "signed_contrast", "{:+.2f}"),
     ("own phrase specificity", "phrase_specificity", "{:.2f}"),
+    ("own PG, several-phrase images", "pointing_game_multi", "{:.3f}"),
+    ("same maps on the other phrases' boxes", "pointing_game_multi_other", "{:.3f}"),
     ("cosine PG", "cosine/pointing_game", "{:.3f}"),
     ("cosine CNR", "cosine/cnr", "{:.2f}"),
     ("cosine signed contrast", "cosine/signed_contrast", "{:+.2f}"),

@@ -42,6 +42,9 @@ as well as one that is hot on it):
   same image (0: the map ignores the text; ``map_specificity``);
 * ``image_specificity``: 1 - the mean correlation of the grid maps of the same phrase text on different
   images (0: the map ignores the image, e.g. words tied to fixed positions).
+* ``pointing_game_multi`` / ``pointing_game_multi_other``: on images with several phrases, the pointing game
+  of each phrase's map on its own boxes and on the other phrases' boxes (``phrase_discrimination``): a map
+  that lights up whatever stands out, whatever the phrase, scores the two alike.
 
 Results: means over phrases, per finding name (``cnr/<name>``, ...), ``pointing_game_chance`` (the share of
 the grid's patch centres inside the boxes: the hit rate of a map whose maximum falls on a uniformly random
@@ -322,6 +325,42 @@ def aggregate(scores: list[dict[str, float]], names: list[str]) -> dict[str, Any
     return out
 
 
+def phrase_discrimination(queries: Sequence[PhraseQuery], grids: np.ndarray, centres=None) -> dict[str, Any]:
+    """Does the map follow the phrase or only what stands out? On images with two or more phrases.
+
+    A map that points at whatever finding is most salient, whatever the phrase, hits the other phrases' boxes
+    as often as its own (by symmetry, when findings of every kind sit anywhere); a map that reads the phrase
+    hits its own far more often.
+
+    Args:
+        queries: the grounding queries, in order.
+        grids: [m, gh, gw] their grid maps.
+        centres: ``types.GridCentres`` of the cells (None: half-pixel centres).
+
+    Returns:
+        ``pointing_game_multi``: the pointing game of the queries on images with several phrases, on their own
+        boxes; ``pointing_game_multi_other``: the same maps on the union of the other phrases' boxes of the
+        image; ``protocol/num_phrases_multi``. Empty without such images.
+    """
+    by_image: dict[int, list[int]] = {}
+    for k, q in enumerate(queries):
+        by_image.setdefault(q.example, []).append(k)
+    own, other = [], []
+    for ks in by_image.values():
+        if len(ks) < 2:
+            continue
+        for k in ks:
+            g = np.asarray(grids[k])
+            cells = lambda boxes: np.stack([cells_in_box(b, g.shape, centres) for b in boxes])  # noqa: E731
+            others = np.concatenate([queries[j].boxes for j in ks if j != k]).reshape(-1, 4)
+            own.append(float(metrics.pointing_game(g, cells(queries[k].boxes.reshape(-1, 4)))))
+            other.append(float(metrics.pointing_game(g, cells(others))))
+    if not own:
+        return {}
+    return {"pointing_game_multi": float(np.mean(own)), "pointing_game_multi_other": float(np.mean(other)),
+            "protocol/num_phrases_multi": len(own)}
+
+
 def ground_split(run, split: LocalizedSplit, *, mode: str = "auto", batch_size: int = 0,
                  alignment: str = "encoder"):
     """Maps and scores of every query of ``split`` (``alignment``: see ALIGNMENTS).
@@ -369,10 +408,11 @@ def evaluate(run, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     queries, maps, scores, grids = ground_split(run, split, mode=mode, batch_size=batch_size,
                                                 alignment=alignment)
     names = [q.name for q in queries]
-    res: dict[str, Any] = {**aggregate(scores, names), **map_specificity(queries, grids)}
+    centres = upsample_to_crop(run, grids[:1], split.size, alignment)[1] if queries else None
+    res: dict[str, Any] = {**aggregate(scores, names), **map_specificity(queries, grids),
+                           **phrase_discrimination(queries, grids, centres)}
     if cfg.get("also_oracle", True) and queries:
         # The protocol's ceiling at this encoder's grid: maps built from the finding masks, scored the same way.
-        centres = upsample_to_crop(run, grids[:1], split.size, alignment)[1]
         oracle = oracle_grid_maps(split, queries, grids.shape[1:], centres)
         upsampled = upsample_to_crop(run, oracle, split.size, alignment)[0]
         oracle_scores = [score_map(m, q.boxes, grid_map=g, centres=centres)
@@ -387,7 +427,8 @@ def evaluate(run, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
         else:
             _, _, cos_scores, cos_grids = ground_split(run, split, mode="cosine", batch_size=batch_size,
                                                        alignment=alignment)
-        cosine = {**aggregate(cos_scores, names), **map_specificity(queries, cos_grids)}
+        cosine = {**aggregate(cos_scores, names), **map_specificity(queries, cos_grids),
+                  **phrase_discrimination(queries, cos_grids, centres)}
         res.update({f"cosine/{k}": v for k, v in cosine.items()
                     if not k.startswith(("protocol/", "pointing_game_chance"))})
     res.update({

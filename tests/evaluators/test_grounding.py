@@ -77,6 +77,23 @@ def test_map_specificity_against_hand_built_maps():
     assert map_specificity([q(0, "p"), q(0, "r")], np.stack([a, np.zeros((4, 4))])) == {"phrase_specificity": 0.0}
 
 
+def test_phrase_discrimination_tells_phrase_maps_from_saliency_maps():
+    """Two phrases on one 4x4 image (boxes: top-left and bottom-right cells), one phrase on another image.
+    Maps that follow the phrase hit their own box; maps that both light up the top-left finding hit their own
+    box and the other phrase's box equally often."""
+    from medvlp_jax.evaluators.grounding import PhraseQuery, phrase_discrimination
+    top_left, bottom_right = np.array([[0.0, 0.0, 0.25, 0.25]]), np.array([[0.75, 0.75, 1.0, 1.0]])
+    queries = [PhraseQuery(0, "a", "a", top_left), PhraseQuery(0, "b", "b", bottom_right),
+               PhraseQuery(1, "a", "a", top_left)]
+    hot_tl, hot_br = np.zeros((4, 4)), np.zeros((4, 4))
+    hot_tl[0, 0] = hot_br[3, 3] = 1.0
+    follow = phrase_discrimination(queries, np.stack([hot_tl, hot_br, hot_br]))
+    assert follow == {"pointing_game_multi": 1.0, "pointing_game_multi_other": 0.0, "protocol/num_phrases_multi": 2}
+    salient = phrase_discrimination(queries, np.stack([hot_tl, hot_tl, hot_tl]))
+    assert salient["pointing_game_multi"] == 0.5 and salient["pointing_game_multi_other"] == 0.5
+    assert phrase_discrimination(queries[2:], np.stack([hot_tl])) == {}
+
+
 def _split(phrases, names, boxes, size=8):
     from medvlp_jax.evaluators.localized import LocalizedSplit
     n = len(phrases)

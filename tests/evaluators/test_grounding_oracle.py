@@ -351,6 +351,8 @@ def test_mask_oracle_with_several_findings_per_image(oracle_run, mask_oracle, mo
     # Hot on every finding, and each phrase's map differs from the other phrase's on the same image.
     assert res["cold_fraction"] == 0.0 and res["signed_contrast"] > 1.0, res
     assert res["phrase_specificity"] > 1.0, res
+    assert res["protocol/num_phrases_multi"] == 16 and res["pointing_game_multi"] >= 0.95, res
+    assert res["pointing_game_multi_other"] <= 0.05, res          # never into the other phrase's finding
     queries, _, scores, _ = grounding.ground_split(oracle_run, split)
     two_box = [len(q.boxes) == 2 for q in queries]
     assert sum(two_box) == 4
