@@ -39,7 +39,10 @@ Config (``config.method``), reconstructed choices marked [I]:
       here) or "label_jaccard" (Jaccard of binary labels batch[sia_similarity_key], [b, c]; two empty
       label sets count as identical, similarity 1).
   sia_similarity_key: batch key for the two batch-based sources (None -> "report_sim_emb" / "labels").
-  fn_threshold [I]: theta (0.9).
+  fn_threshold [I]: theta (0.9). On near-template reports every pair can pass it: SIA then has no negative
+      left, is exactly 0 and trains nothing (the blob world of issue 10: ``sia/false_negative_fraction``
+      reaches 1.0 within 150 steps of the warm-up). Watch that logged fraction; raise theta or use a
+      frozen similarity source on such data.
   sia_warmup_epochs [I]: no false-negative handling before this many epochs (1.0).
   sia_reduce_directions: "sum" (the equation above, MGCA's ITA convention) or "mean".
   sta_temperature [I]: tau_s (0.1).
@@ -50,7 +53,8 @@ Config (``config.method``), reconstructed choices marked [I]:
   sta_sparsify [I]: "threshold" (default) or "topk" (both on min-max scores), or "softmax" (word_to_patch:
       alpha_tk = softmax_k(s_tk / sta_temperature), MGCA's attention; not sparse). Min-max grouping gives the
       patch least similar to a word exactly weight 0 and no gradient: in the blob world of issue 10 the blobs
-      settle there and stay (docs/demo_results.md); the softmax has no such dead end.
+      settle there and stay; the softmax has no such dead end, yet is cold on the blobs too
+      (docs/demo_results.md, "Localization in the blob world").
   sta_threshold [I]: kept if min-max score >= this; None -> 1/P (word side) and 1/|T_b| (patch side).
   sta_topk [I]: kappa for "topk" (16), for both directions.
   sta_word_weights [I]: "uniform" (1/|T_b|) or "mgca" (quantile-clipped [CLS] attention).
@@ -58,7 +62,8 @@ Config (``config.method``), reconstructed choices marked [I]:
       SPARC's) | "batch" (word_to_patch direction: every valid word and group of every valid pair of the
       batch competes, computed over chunks of ``sta_chunk`` pairs; O(b^2 t^2 d) FLOPs). Within a pair any
       one-to-one assignment of words to patches satisfies STA, so from randomly initialised encoders the
-      groups need not follow the image content; cross-pair negatives require it (docs/demo_results.md).
+      groups need not follow the image content; cross-pair negatives require it (measured in the blob world:
+      the maps stay cold with either, docs/demo_results.md).
   sta_chunk: pairs per chunk of the "batch" negatives (16; None = one block).
   word_weight_quantiles: (0.1, 0.9), MGCA's clipping quantiles.
   lambda_sia, lambda_sta [I]: loss weights (1.0, 1.0).
