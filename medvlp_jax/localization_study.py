@@ -12,7 +12,8 @@ tabulates mean and sample SD over seeds:
 
 A method spec is ``name[:field=value[+field=value]]`` (fields of ``config.method``). Each run is
 ``<out>/<label>_s<seed>`` (a pretraining workdir: ``launch/evaluate.py`` works on it); a run whose
-``eval/grounding.json`` exists is not trained again, so a killed study resumes.
+``eval/grounding.json`` exists is not trained again, so a killed study resumes. ``grounding_curve`` scores a run
+at initialisation and every K steps of its training (``--every=K``): when maps gain or lose the findings.
 """
 from __future__ import annotations
 
@@ -61,13 +62,22 @@ def parse_spec(spec: str) -> MethodSpec:
     return MethodSpec(method, tuple(fields))
 
 
+def curve_steps(steps: int, every: int) -> list[int]:
+    """The steps a grounding curve scores: 0 (initialisation), every ``every``-th step, and ``steps``."""
+    return [0, *range(every, steps, every), steps]
+
+
 def study_config(config: ml_collections.ConfigDict, root: str, *, steps: int, seed: int = 0,
-                 method_fields: Sequence[tuple[str, Any]] = ()) -> ml_collections.ConfigDict:
-    """A method's ``test`` config trained on the blob world prepared in ``root`` (see module docstring).
+                 method_fields: Sequence[tuple[str, Any]] = (), every: int = 0) -> ml_collections.ConfigDict:
+    """A method's ``test`` config trained on the blob world prepared in ``root`` (see module docstring); with
+    ``every`` > 0 it keeps a checkpoint every ``every`` steps for ``grounding_curve``.
 
     Raises:
-        ValueError: a method field that the method's settings do not have (checked by building the objective).
+        ValueError: a method field that the method's settings do not have (checked by building the objective),
+            or ``every`` outside [0, steps].
     """
+    if not 0 <= every <= steps:
+        raise ValueError(f"every={every}: must be between 0 (no curve) and the number of steps ({steps})")
     c = ml_collections.ConfigDict(config.to_dict())
     c.seed = seed
     c.data.root, c.data.name = root, "blobs"
@@ -76,7 +86,9 @@ def study_config(config: ml_collections.ConfigDict, root: str, *, steps: int, se
     c.data.resize = c.data.crop = c.model.image.image_size = WORLD["image_size"]
     c.model.text.vocab_size = 128
     c.train.batch_size, c.train.total_steps = 32, steps
-    c.train.log_every_steps, c.train.ckpt_every_steps, c.train.eval_at_end = 50, steps, False
+    c.train.log_every_steps, c.train.ckpt_every_steps, c.train.eval_at_end = 50, every or steps, False
+    if every:
+        c.train.keep_ckpts = len(curve_steps(steps, every))
     c.optim.lr = 1e-3
     c.method.update(dict(method_fields))
     from medvlp_jax import methods
@@ -102,9 +114,11 @@ def grounding_eval_config(num_heatmaps: int = 4) -> ml_collections.ConfigDict:
     return c
 
 
-def run_setting(config: ml_collections.ConfigDict, workdir: str, *, untrained: bool = True) -> None:
+def run_setting(config: ml_collections.ConfigDict, workdir: str, *, untrained: bool = True,
+                every: int = 0) -> None:
     """Pretrains ``config`` in ``workdir`` (unless its grounding result exists) and evaluates grounding, also of
-    the same architecture at initialisation with ``untrained``."""
+    the same architecture at initialisation with ``untrained``, and over training with ``every`` (the config
+    must come from ``study_config(..., every=every)``)."""
     from medvlp_jax import evaluators
     from medvlp_jax.train import loop
     if not os.path.exists(os.path.join(workdir, "eval", "grounding.json")):
@@ -112,6 +126,53 @@ def run_setting(config: ml_collections.ConfigDict, workdir: str, *, untrained: b
         evaluators.run_suite(grounding_eval_config(), workdir)
     if untrained and not os.path.exists(os.path.join(workdir, "eval", "grounding_untrained.json")):
         evaluators.run_suite(grounding_eval_config(num_heatmaps=0), workdir, untrained=True)
+    if every:
+        grounding_curve(workdir, config.train.total_steps, every)
+
+
+CURVE_FILE = "grounding_curve.jsonl"
+
+
+def read_curve(workdir: str) -> list[dict[str, Any]]:
+    """The rows of ``<workdir>/eval/grounding_curve.jsonl`` ({"step": s, grounding results...}), by step."""
+    path = os.path.join(workdir, "eval", CURVE_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return sorted(rows, key=lambda r: r["step"])
+
+
+def grounding_curve(workdir: str, steps: int, every: int) -> list[dict[str, Any]]:
+    """Grounding of the run's maps at ``curve_steps(steps, every)`` (step 0: the encoders at initialisation),
+    appended to ``eval/grounding_curve.jsonl``; steps already there are not scored again (a killed study
+    resumes). When do a method's maps gain or lose the findings?
+
+    Raises:
+        CheckpointError: a step without its checkpoint (the run was trained without ``every``).
+    """
+    import jax
+    from medvlp_jax import errors
+    from medvlp_jax.evaluators import common, grounding
+    rows = read_curve(workdir)
+    done = {r["step"] for r in rows}
+    cfg = grounding_eval_config(num_heatmaps=0).grounding
+    for step in curve_steps(steps, every):
+        if step in done:
+            continue
+        try:
+            run = common.load_run(workdir, untrained=True) if step == 0 else common.load_run(workdir, step=step)
+        except errors.CheckpointError as e:
+            raise errors.CheckpointError(f"{e}. A grounding curve needs a checkpoint every {every} steps: this run "
+                                         f"was trained without them; train it again in a new --out") from None
+        res = grounding.evaluate(run, cfg)
+        row = {"step": step, **{k: float(v) for k, v in res.items()
+                                if isinstance(v, (int, float)) and not isinstance(v, bool)}}
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "eval", CURVE_FILE), "a") as f:
+                f.write(json.dumps(row) + "\n")
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["step"])
 
 
 def read_results(workdir: str, untrained: bool = False) -> Optional[dict[str, Any]]:
@@ -167,6 +228,34 @@ def markdown_table(rows: Sequence[tuple[str, int, Sequence[dict[str, Any]]]]) ->
         chance = "-" if s["chance"] is None else f"{s['chance']:.3f}"
         lines.append(f"| {label} | {steps} | {len(results)} | "
                      + " | ".join(_cell(s.get(key), fmt) for _, key, fmt in COLUMNS) + f" | {chance} |")
+    return "\n".join(lines)
+
+
+CURVE_COLUMNS = (
+    ("own PG", "pointing_game", "{:.3f}"),
+    ("own signed contrast", "signed_contrast", "{:+.2f}"),
+    ("own phrase specificity", "phrase_specificity", "{:.2f}"),
+    ("own PG, several-phrase images", "pointing_game_multi", "{:.3f}"),
+    ("same maps on the other phrases' boxes", "pointing_game_multi_other", "{:.3f}"),
+    ("cosine PG", "cosine/pointing_game", "{:.3f}"),
+)
+
+
+def curve_table(label: str, curves: Sequence[Sequence[dict[str, Any]]]) -> str:
+    """Grounding over training of one setting: one row per step, mean ± sample SD over the seeds' curves."""
+    head = ["setting", "step", "seeds", *(t for t, _, _ in CURVE_COLUMNS)]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    by_step: dict[int, list[dict[str, Any]]] = {}
+    for curve in curves:
+        for row in curve:
+            by_step.setdefault(int(row["step"]), []).append(row)
+    for step, rows in sorted(by_step.items()):
+        cells = []
+        for _, key, fmt in CURVE_COLUMNS:
+            values = [float(r[key]) for r in rows if r.get(key) is not None]
+            cells.append(_cell((statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0,
+                                len(values)) if values else None, fmt))
+        lines.append(f"| {label} | {step} | {len(rows)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

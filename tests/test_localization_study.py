@@ -1,6 +1,6 @@
-"""launch/localization_study.py and medvlp_jax/localization_study.py without training: method specs, the blob-world
-config, and the table over seeds against hand-computed means and sample SDs (the training path itself is what
-tests/test_localization.py drives)."""
+"""launch/localization_study.py and medvlp_jax/localization_study.py: method specs, the blob-world config, the tables
+over seeds against hand-computed means and sample SDs, and one 4-step run with a grounding curve (the longer
+training runs are what tests/test_localization.py drives)."""
 from __future__ import annotations
 
 import json
@@ -80,3 +80,64 @@ def test_bad_method_spec_is_one_error_line_before_any_work(tmp_path, methods, me
                         f"--methods={methods}", "--seeds=0"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.startswith(message), r.stderr
     assert len(r.stderr.strip().splitlines()) <= 2 and not out.exists()      # the error line and the --help hint
+
+
+def test_curve_steps_and_checkpoint_cadence():
+    from medvlp_jax.localization_study import curve_steps, study_config
+    assert curve_steps(600, 50) == list(range(0, 601, 50))
+    assert curve_steps(100, 30) == [0, 30, 60, 90, 100] and curve_steps(8, 8) == [0, 8]
+    base = load_config("convirt", "test")
+    c = study_config(base, "/data/blobs", steps=100, every=30)
+    assert (c.train.ckpt_every_steps, c.train.keep_ckpts) == (30, 5)
+    assert study_config(base, "/data/blobs", steps=100).train.ckpt_every_steps == 100
+    with pytest.raises(ValueError, match="every=101"):
+        study_config(base, "/data/blobs", steps=100, every=101)
+
+
+def test_curve_table_is_mean_and_sample_sd_per_step(tmp_path):
+    out = str(tmp_path / "study")
+    for seed, pgs in enumerate(((0.5, 0.2), (0.7, 0.4))):
+        path = os.path.join(out, f"sista_s{seed}", "eval")
+        os.makedirs(path)
+        with open(os.path.join(path, "grounding_curve.jsonl"), "w") as f:   # written out of order on purpose
+            f.write(json.dumps({"step": 50, "pointing_game": pgs[1], "signed_contrast": -1.0}) + "\n")
+            f.write(json.dumps({"step": 0, "pointing_game": pgs[0], "signed_contrast": 2.0}) + "\n")
+        _write(os.path.join(out, f"sista_s{seed}"), "grounding.json", {"pointing_game": pgs[1]})
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "localization_study.py"), f"--out={out}",
+                        "--methods=sista", "--seeds=0,1", "--steps=50", "--every=50", "--table_only"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    curve = r.stdout.split("\n\n")[1].splitlines()
+    head = curve[0].strip("| ").split(" | ")
+    rows = [line.strip().strip("|").strip().split(" | ") for line in curve[2:]]
+    assert [row[head.index("step")] for row in rows] == ["0", "50"]
+    assert rows[0][head.index("own PG")] == f"0.600 ± {0.2 / 2 ** 0.5:.3f}"
+    assert rows[1][head.index("own PG")] == f"0.300 ± {0.2 / 2 ** 0.5:.3f}"
+    assert rows[1][head.index("own signed contrast")] == "-1.00 ± 0.000"
+    assert rows[1][head.index("cosine PG")] == "-"
+
+
+def test_four_step_run_with_a_curve_resumes_without_scoring_again(tmp_path):
+    """The curve's first and last rows are the untrained and the final evaluation (same weights, same protocol);
+    a second call trains and scores nothing; a run trained without checkpoints on the way says so."""
+    out = tmp_path / "study"
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "localization_study.py"), f"--out={out}", "--steps=4",
+           "--every=2", "--methods=convirt", "--seeds=0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    workdir = str(out / "convirt_s0")
+    from medvlp_jax import localization_study as study
+    curve = study.read_curve(workdir)
+    assert [row["step"] for row in curve] == [0, 2, 4]
+    for row, res in ((curve[0], study.read_results(workdir, untrained=True)), (curve[-1], study.read_results(workdir))):
+        for key in ("pointing_game", "cnr", "signed_contrast", "cosine/pointing_game"):
+            assert row[key] == pytest.approx(res[key], abs=1e-6), key
+    before = open(os.path.join(workdir, "eval", "grounding_curve.jsonl")).read()
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert open(os.path.join(workdir, "eval", "grounding_curve.jsonl")).read() == before
+    assert "| convirt | 2 | 1 |" in r.stdout
+    os.remove(os.path.join(workdir, "eval", "grounding_curve.jsonl"))
+    r = subprocess.run(cmd[:-3] + ["--every=1", "--methods=convirt", "--seeds=0", f"--data={out / 'data'}"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0 and "trained without them" in r.stderr, r.stderr
