@@ -231,14 +231,9 @@ def markdown_table(rows: Sequence[tuple[str, int, Sequence[dict[str, Any]]]]) ->
     return "\n".join(lines)
 
 
-CURVE_COLUMNS = (
-    ("own PG", "pointing_game", "{:.3f}"),
-    ("own signed contrast", "signed_contrast", "{:+.2f}"),
-    ("own phrase specificity", "phrase_specificity", "{:.2f}"),
-    ("own PG, several-phrase images", "pointing_game_multi", "{:.3f}"),
-    ("same maps on the other phrases' boxes", "pointing_game_multi_other", "{:.3f}"),
-    ("cosine PG", "cosine/pointing_game", "{:.3f}"),
-)
+CURVE_COLUMNS = tuple(c for c in COLUMNS if c[1] in (
+    "pointing_game", "signed_contrast", "phrase_specificity", "pointing_game_multi", "pointing_game_multi_other",
+    "cosine/pointing_game"))
 
 
 def curve_table(label: str, curves: Sequence[Sequence[dict[str, Any]]]) -> str:
