@@ -98,7 +98,7 @@ FAILING = [
     pytest.param("aga", {}, id="aga",
                  marks=pytest.mark.xfail(strict=True, reason=(
                      "AGA's maps lose the initial saliency: PG 0.122 / 0.239 / 0.011 at 600 steps (untrained "
-                     "0.622 / 0.537 / 0.559)"))),
+                     "0.622 / 0.537 / 0.559); IGA drives it: with lambda_iga=0 PG stays at 0.50"))),
 ]
 
 
