@@ -27,6 +27,9 @@ The train step calls, inside one jit:
       method's own zero-shot score (GLoRIA's local + global score, ``methods.gloria.zero_shot_scorer``), used
       by the zero-shot evaluator's ``scoring="gloria"``; None: that evaluator uses GLoRIA's score with
       defaults on the [CLS] report vector.
+  check_metrics(metrics) -> {check name: warning}: host-side, at every log step, on the logged interval means
+      (floats); a degenerate state the loss cannot show by itself (e.g. SISTA's SIA left with no negatives).
+      The train loop logs each check's first warning of a run. None: no checks.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ class Objective(NamedTuple):
     ema_decay: Optional[float] = None
     update_state: Optional[Callable[[Any, dict], tuple[Any, dict]]] = None
     zero_shot_scores: Optional[Callable[..., Any]] = None
+    check_metrics: Optional[Callable[[dict[str, float]], dict[str, str]]] = None
 
 
 OBJECTIVES = Registry("objective")

@@ -41,8 +41,8 @@ Config (``config.method``), reconstructed choices marked [I]:
   sia_similarity_key: batch key for the two batch-based sources (None -> "report_sim_emb" / "labels").
   fn_threshold [I]: theta (0.9). On near-template reports every pair can pass it: SIA then has no negative
       left, is exactly 0 and trains nothing (the blob world of issue 10: ``sia/false_negative_fraction``
-      reaches 1.0 within 150 steps of the warm-up). Watch that logged fraction; raise theta or use a
-      frozen similarity source on such data.
+      reaches 1.0 within 150 steps of the warm-up). The train loop warns when a log interval's fraction
+      reaches 0.99 (``check_metrics``); raise theta or use a fixed similarity source on such data.
   sia_warmup_epochs [I]: no false-negative handling before this many epochs (1.0).
   sia_reduce_directions: "sum" (the equation above, MGCA's ITA convention) or "mean".
   sta_temperature [I]: tau_s (0.1).
@@ -298,6 +298,10 @@ def _sta_word_to_patch(out: EncoderOutputs, word: Array, patch: Array, valid: Ar
     return common.masked_mean(per_pair, valid), alpha
 
 
+# check_metrics warns when the logged false-negative fraction of an interval reaches this.
+SIA_COLLAPSE_FRACTION = 0.99
+
+
 @OBJECTIVES.register("sista")
 def make(cfg, *, steps_per_epoch: int) -> Objective:
     """SISTA objective; see the module docstring for the config fields."""
@@ -337,4 +341,18 @@ def make(cfg, *, steps_per_epoch: int) -> Objective:
             maps = sta_weights(word, patch, settings)
         return jnp.where(out.word_mask[..., None], maps, 0.0)
 
-    return Objective(name="sista", init=init, loss=loss, similarity_maps=similarity_maps)
+    def check_metrics(metrics: dict[str, float]) -> dict[str, str]:
+        """Warns when, over a whole log interval after the warm-up, (almost) every negative pair of the batch
+        was eliminated as a false negative: SIA then has nothing to contrast and gives no gradient."""
+        fraction = metrics.get("sia/false_negative_fraction", 0.0)
+        if settings.lambda_sia and metrics.get("sia/active", 0.0) >= 1.0 and fraction >= SIA_COLLAPSE_FRACTION:
+            return {"sia_no_negatives": (
+                f"SISTA: {fraction:.1%} of the batch's negative pairs pass fn_threshold={settings.fn_threshold} "
+                f"({settings.sia_similarity} similarity) and are removed as false negatives, so SIA has "
+                f"(almost) no negatives left and no gradient (loss/sia {metrics.get('loss/sia', float('nan')):.3g});"
+                f" the report embeddings may have collapsed onto each other. Raise method.fn_threshold or use a "
+                f"fixed similarity source (method.sia_similarity='batch_emb' or 'label_jaccard')")}
+        return {}
+
+    return Objective(name="sista", init=init, loss=loss, similarity_maps=similarity_maps,
+                     check_metrics=check_metrics)

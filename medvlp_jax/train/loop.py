@@ -76,6 +76,16 @@ def _add_metrics(a: dict[str, jax.Array], b: dict[str, jax.Array]) -> dict[str, 
     return jax.tree.map(lambda x, y: x + y.astype(x.dtype), a, b)
 
 
+def _warn_checks(objective, step: int, metrics: dict[str, float], warned: set[str], *, enabled: bool = True) -> None:
+    """Logs the first warning of each of the objective's ``check_metrics`` checks (methods/__init__.py)."""
+    if objective.check_metrics is None or not enabled:
+        return
+    for name, message in objective.check_metrics(metrics).items():
+        if name not in warned:
+            warned.add(name)
+            log.warning("step %d: %s (warned once per run)", step, message)
+
+
 def _count_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
@@ -166,6 +176,7 @@ def run(config, workdir: str, *, end_of_run_eval: EndOfRunEval | None = None, st
     from tqdm.auto import tqdm
     bar = tqdm(total=total, initial=start, disable=not is_main, desc=config.method.name, dynamic_ncols=True)
     last_metrics: dict[str, float] = {}
+    warned_checks: set[str] = set()
     t_log, steps_since_log = time.time(), 0
     metric_sum = None
     step = start
@@ -195,6 +206,7 @@ def run(config, workdir: str, *, end_of_run_eval: EndOfRunEval | None = None, st
                     rates["data/skipped_records"] = host_batches.global_count(host_iter.num_skipped)
                 last_metrics = {k: float(v) for k, v in m.items()} | rates
                 writer.write_scalars(step, last_metrics)
+                _warn_checks(s.objective, step, last_metrics, warned_checks, enabled=is_main)
                 bar.set_postfix(loss=f"{last_metrics['train/loss']:.3f}")
                 t_log, steps_since_log = time.time(), 0
             ckpt.save(step, state, position(step))

@@ -303,6 +303,18 @@ def test_config_validation_and_registration():
         objective(sia_variant="drop")
 
 
+def test_check_metrics_warns_only_when_sia_has_no_negatives_after_the_warmup():
+    check = objective(fn_threshold=0.8).check_metrics
+    collapsed = {"sia/false_negative_fraction": 0.995, "sia/active": 1.0, "loss/sia": 0.0}
+    warning = check(collapsed)
+    assert list(warning) == ["sia_no_negatives"]
+    assert "99.5%" in warning["sia_no_negatives"] and "fn_threshold=0.8" in warning["sia_no_negatives"]
+    assert check({**collapsed, "sia/false_negative_fraction": 0.98}) == {}
+    assert check({**collapsed, "sia/active": 0.5}) == {}          # the interval straddles the warm-up's end
+    assert check({"loss/sia": 1.0}) == {}
+    assert objective(lambda_sia=0.0).check_metrics(collapsed) == {}  # SIA is not trained: nothing lost
+
+
 # ---- STA direction (issue 13): patches select their words ----------------------------------------------
 
 def np_sta_p2w(word, patch, mask, valid, tau, sparsify="threshold", topk=16, threshold=None):

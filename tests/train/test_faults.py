@@ -408,3 +408,21 @@ def test_allowed_config_change_keeps_the_old_config(tmp_path, caplog):
     assert any("train.total_steps" in m and "--allow_config_change" in m for m in caplog.messages)
     kept = glob.glob(str(tmp_path / "config.before-*.json"))
     assert len(kept) == 1 and json.load(open(kept[0]))["train"]["total_steps"] == 6
+
+
+def test_objective_check_warns_once_when_sista_sia_has_no_negatives(tmp_path, data_root, caplog):
+    """With fn_threshold=-1 every pair is a false negative from step 1: SIA is 0 with no gradient, which the
+    loss alone does not show; the loop's check says so, once, naming the remedy."""
+    from medvlp_jax.train import loop
+    c = helpers.load_config("sista")
+    c.method.fn_threshold, c.method.sia_warmup_epochs = -1.0, 0.0
+    c.data.root, c.data.tokenizer_dir = data_root, os.path.join(data_root, "tokenizer")
+    c.train.total_steps, c.train.log_every_steps, c.train.ckpt_every_steps, c.train.eval_at_end = 3, 1, 1000, False
+    with caplog.at_level("WARNING", logger="medvlp_jax"):
+        loop.run(c, str(tmp_path / "sista"))
+    warnings = [r.getMessage() for r in caplog.records if "no negatives left" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("step 1: SISTA: 100.0% of the batch's negative pairs"), \
+        warnings
+    assert "fn_threshold=-1.0" in warnings[0] and "sia_similarity=" in warnings[0]
+    logged = [json.loads(line) for line in open(tmp_path / "sista" / "metrics.jsonl")]
+    assert [r["loss/sia"] for r in logged] == [0.0, 0.0, 0.0]
