@@ -146,7 +146,8 @@ def read_curve(workdir: str) -> list[dict[str, Any]]:
 def grounding_curve(workdir: str, steps: int, every: int) -> list[dict[str, Any]]:
     """Grounding of the run's maps at ``curve_steps(steps, every)`` (step 0: the encoders at initialisation),
     appended to ``eval/grounding_curve.jsonl``; steps already there are not scored again (a killed study
-    resumes). When do a method's maps gain or lose the findings?
+    resumes), and the first and last are taken from ``eval/grounding_untrained.json`` / ``grounding.json`` when
+    those exist (the same weights and protocol). When do a method's maps gain or lose the findings?
 
     Raises:
         CheckpointError: a step without its checkpoint (the run was trained without ``every``).
@@ -160,12 +161,14 @@ def grounding_curve(workdir: str, steps: int, every: int) -> list[dict[str, Any]
     for step in curve_steps(steps, every):
         if step in done:
             continue
-        try:
-            run = common.load_run(workdir, untrained=True) if step == 0 else common.load_run(workdir, step=step)
-        except errors.CheckpointError as e:
-            raise errors.CheckpointError(f"{e}. A grounding curve needs a checkpoint every {every} steps: this run "
-                                         f"was trained without them; train it again in a new --out") from None
-        res = grounding.evaluate(run, cfg)
+        res = read_results(workdir, untrained=True) if step == 0 else read_results(workdir) if step == steps else None
+        if res is None:
+            try:
+                run = common.load_run(workdir, untrained=True) if step == 0 else common.load_run(workdir, step=step)
+            except errors.CheckpointError as e:
+                raise errors.CheckpointError(f"{e}. A grounding curve needs a checkpoint every {every} steps: this "
+                                             f"run was trained without them; train it again in a new --out") from None
+            res = grounding.evaluate(run, cfg)
         row = {"step": step, **{k: float(v) for k, v in res.items()
                                 if isinstance(v, (int, float)) and not isinstance(v, bool)}}
         if jax.process_index() == 0:
@@ -200,10 +203,11 @@ COLUMNS = (
 )
 
 
-def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """{key: (mean, sample SD or 0.0, n)} over several seeds' results of one setting; 'chance' the mean chance."""
+def summarize(results: Sequence[dict[str, Any]], columns=COLUMNS) -> dict[str, Any]:
+    """{key: (mean, sample SD or 0.0, n)} of every column's key over several seeds' results of one setting;
+    'chance' the mean chance."""
     out: dict[str, Any] = {}
-    for _, key, _ in COLUMNS:
+    for _, key, _ in columns:
         values = [float(r[key]) for r in results if r.get(key) is not None]
         if values:
             out[key] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
@@ -245,12 +249,9 @@ def curve_table(label: str, curves: Sequence[Sequence[dict[str, Any]]]) -> str:
         for row in curve:
             by_step.setdefault(int(row["step"]), []).append(row)
     for step, rows in sorted(by_step.items()):
-        cells = []
-        for _, key, fmt in CURVE_COLUMNS:
-            values = [float(r[key]) for r in rows if r.get(key) is not None]
-            cells.append(_cell((statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0,
-                                len(values)) if values else None, fmt))
-        lines.append(f"| {label} | {step} | {len(rows)} | " + " | ".join(cells) + " |")
+        s = summarize(rows, CURVE_COLUMNS)
+        lines.append(f"| {label} | {step} | {len(rows)} | "
+                     + " | ".join(_cell(s.get(key), fmt) for _, key, fmt in CURVE_COLUMNS) + " |")
     return "\n".join(lines)
 
 

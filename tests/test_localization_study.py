@@ -118,25 +118,27 @@ def test_curve_table_is_mean_and_sample_sd_per_step(tmp_path):
 
 
 def test_four_step_run_with_a_curve_resumes_without_scoring_again(tmp_path):
-    """The curve's first and last rows are the untrained and the final evaluation (same weights, same protocol);
-    a second call trains and scores nothing; a run trained without checkpoints on the way says so."""
+    """Without the untrained baseline the curve scores step 0 itself: it must equal the suite's untrained
+    evaluation written afterwards (same weights, same protocol); a second call trains nothing and adds nothing
+    to the curve; a run trained without checkpoints on the way says so."""
     out = tmp_path / "study"
     cmd = [sys.executable, os.path.join(ROOT, "launch", "localization_study.py"), f"--out={out}", "--steps=4",
            "--every=2", "--methods=convirt", "--seeds=0"]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(cmd + ["--no_untrained"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     workdir = str(out / "convirt_s0")
     from medvlp_jax import localization_study as study
     curve = study.read_curve(workdir)
-    assert [row["step"] for row in curve] == [0, 2, 4]
-    for row, res in ((curve[0], study.read_results(workdir, untrained=True)), (curve[-1], study.read_results(workdir))):
-        for key in ("pointing_game", "cnr", "signed_contrast", "cosine/pointing_game"):
-            assert row[key] == pytest.approx(res[key], abs=1e-6), key
+    assert [row["step"] for row in curve] == [0, 2, 4] and study.read_results(workdir, untrained=True) is None
     before = open(os.path.join(workdir, "eval", "grounding_curve.jsonl")).read()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)      # writes the untrained baseline only
     assert r.returncode == 0, r.stderr
     assert open(os.path.join(workdir, "eval", "grounding_curve.jsonl")).read() == before
     assert "| convirt | 2 | 1 |" in r.stdout
+    untrained = study.read_results(workdir, untrained=True)
+    for key in ("pointing_game", "cnr", "signed_contrast", "cosine/pointing_game"):
+        assert curve[0][key] == pytest.approx(untrained[key], abs=1e-6), key
+    assert curve[1]["pointing_game"] != curve[0]["pointing_game"] or curve[1]["cnr"] != curve[0]["cnr"]
     os.remove(os.path.join(workdir, "eval", "grounding_curve.jsonl"))
     r = subprocess.run(cmd[:-3] + ["--every=1", "--methods=convirt", "--seeds=0", f"--data={out / 'data'}"],
                        capture_output=True, text=True, cwd=ROOT)
