@@ -15,7 +15,8 @@ port of our MGCA objective, torch.optim.AdamW, gradient clipping off. Compare wi
 Both run in this process on the same synthetic batch (``data.example_batch.example_batch_for``, seed 0), alternately
 (``--alternations`` rounds of ``--steps`` JAX steps then ``--steps`` PyTorch steps), so both see the same load
 from other programs; the medians over all timed steps are compared. PyTorch uses ``--threads`` intra-op threads
-(default: every CPU, as XLA:CPU does). Prints a Markdown table, writes JSON (``--out``).
+(default: every CPU, as XLA:CPU does), on the GPU when PyTorch sees one (``--torch_device``); with
+``--config.model.dtype=bfloat16`` both compute in bfloat16. Prints a Markdown table, writes JSON (``--out``).
 """
 import os
 import sys
@@ -32,6 +33,8 @@ _STEPS = flags.DEFINE_integer("steps", 3, "timed steps per side per alternation"
 _WARMUP = flags.DEFINE_integer("warmup", 1, "untimed steps per side before the first alternation")
 _ALTERNATIONS = flags.DEFINE_integer("alternations", 3, "rounds of (JAX steps, PyTorch steps)")
 _THREADS = flags.DEFINE_integer("threads", None, "PyTorch intra-op threads (default: os.cpu_count())")
+_TORCH_DEVICE = flags.DEFINE_string("torch_device", None, "PyTorch device: cpu | cuda (default: cuda when PyTorch "
+                                    "sees a GPU, else cpu); the JAX row runs on JAX's default backend")
 _VARIANTS = flags.DEFINE_multi_string("jax_variant", [], "another JAX row timed in the same alternations: "
                                       "'<label>:<field>=<value>[,<field>=<value>]' applied to a copy of --config, "
                                       "e.g. 'no barrier:model.fusion_barrier=off' (before/after side by side)")
@@ -90,11 +93,12 @@ def apply_variant(config, fields: dict[str, str]):
 
 
 def compare(config, *, steps: int, warmup: int, alternations: int, threads: int | None, log=print,
-            variants: tuple[str, ...] = ()) -> dict:
+            variants: tuple[str, ...] = (), torch_device: str | None = None) -> dict:
     """Builds the steps, warms them up and times them alternately; returns the JSON-serialisable result.
 
     ``variants`` ('<label>:<field>=<value>,...') add JAX rows built from copies of ``config``, timed in every
-    alternation right after the main JAX row.
+    alternation right after the main JAX row. ``torch_device``: see ``--torch_device``. ``config.model.dtype``
+    bfloat16 runs the PyTorch forward under bfloat16 autocast (float32 parameters and AdamW, as ours).
     """
     import dataclasses
     import statistics
@@ -139,9 +143,12 @@ def compare(config, *, steps: int, warmup: int, alternations: int, threads: int 
         extra.append({"label": label, "fields": fields, "run": run, "compile_s": seconds})
 
     # PyTorch: the stand-in.
-    model = torch_mgca.TorchMgca(config)
+    torch_device = torch_device or torch_mgca.default_device()
+    model = torch_mgca.TorchMgca(config).to(torch_device)
     opt = torch_mgca.make_optimizer(model, config.optim)
-    tbatch = torch_mgca.to_torch(host_batch)
+    tbatch = torch_mgca.to_torch(host_batch, torch_device)
+    torch_device_name = (torch.cuda.get_device_name(torch.device(torch_device)) if torch_device.startswith("cuda")
+                         else f"CPU, {threads} threads")
     torch_params = sum(p.numel() for p in model.parameters())
 
     def torch_step():
@@ -178,10 +185,10 @@ def compare(config, *, steps: int, warmup: int, alternations: int, threads: int 
                    "text_len": int(config.data.max_text_len), "dtype": config.model.dtype,
                    "clip_norm": float(config.optim.clip_norm or 0.0),
                    "prng_impl": config.train.get("prng_impl", "threefry2x32")},
-        "jax": {"step_s": jax_s, "cpu_s": med("jax_cpu_s"), "compile_s": compile_s, "params": jax_params,
+        "jax": {"device": devices[0].device_kind, "step_s": jax_s, "cpu_s": med("jax_cpu_s"), "compile_s": compile_s, "params": jax_params,
                 "version": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")},
         "torch": {"step_s": torch_s, "cpu_s": med("torch_cpu_s"), "params": torch_params,
-                  "version": torch.__version__, "threads": threads,
+                  "version": torch.__version__, "threads": threads, "device": torch_device_name,
                   "what": "our PyTorch stand-in (transformers ViTModel + BertModel, MGCA heads, port of our MGCA "
                           "loss, AdamW), not the authors' code"},
         "ratio_jax_over_torch": jax_s / torch_s,
@@ -196,9 +203,9 @@ def markdown(r: dict) -> str:
              f"clip_norm {c['clip_norm']:g}; median over {sum(len(x['jax_s']) for x in r['rounds'])} steps per side "
              f"in {len(r['rounds'])} alternations", "",
              "| step | s/step | images/s | process CPU s/step | parameters |", "|---|---|---|---|---|",
-             f"| medvlp_jax (jax {r['jax']['version']}, prng {c['prng_impl']}) | {r['jax']['step_s']:.3f} | "
+             f"| medvlp_jax (jax {r['jax']['version']}, {r['jax'].get('device', '')}, prng {c['prng_impl']}) | {r['jax']['step_s']:.3f} | "
              f"{images(r['jax']['step_s']):.2f} | {r['jax']['cpu_s']:.2f} | {r['jax']['params']:,} |",
-             f"| PyTorch stand-in (torch {r['torch']['version']}, {r['torch']['threads']} threads; NOT the authors' "
+             f"| PyTorch stand-in (torch {r['torch']['version']}, {r['torch']['device']}; NOT the authors' "
              f"code) | {r['torch']['step_s']:.3f} | {images(r['torch']['step_s']):.2f} | {r['torch']['cpu_s']:.2f} | "
              f"{r['torch']['params']:,} |"]
     for v in r.get("variants", []):
@@ -222,7 +229,8 @@ def main(argv):
     def body():
         config = _CONFIG.value
         result = compare(config, steps=_STEPS.value, warmup=_WARMUP.value, alternations=_ALTERNATIONS.value,
-                         threads=_THREADS.value, variants=tuple(_VARIANTS.value))
+                         threads=_THREADS.value, variants=tuple(_VARIANTS.value),
+                         torch_device=_TORCH_DEVICE.value)
         result["argv"] = sys.argv[1:]
         print(markdown(result))
         out = _OUT.value or os.path.join("runs", "benchmarks",

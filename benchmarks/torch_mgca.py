@@ -13,6 +13,8 @@ Shapes follow the config: ViT ``model.image`` (patch_size, width, depth, num_hea
 channels), BERT ``model.text`` (vocab_size, width, depth, num_heads, mlp_dim, max_position, type_vocab_size,
 dropout), heads ``model.proj`` (mlp_bn | linear, hidden, dim), MGCA ``method`` (temperatures, prototypes,
 Sinkhorn, quantiles). Only the fields that the paper and test configs use are supported; anything else raises.
+``model.dtype`` float32 or bfloat16 (the forward under bfloat16 autocast, parameters and AdamW in float32, as
+our train step); the model and ``to_torch``'s batch go to any device (``default_device``: CUDA when visible).
 """
 from __future__ import annotations
 
@@ -23,6 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 NEG_INF = -1e9      # as medvlp_jax.methods.common.NEG_INF
+# config.model.dtype -> the autocast dtype of the forward pass (None: plain float32); parameters, gradients
+# and AdamW's moments stay float32, as in our train step.
+AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
 
 def _get(cfg: Any, key: str, default: Any) -> Any:
@@ -71,11 +76,15 @@ class TorchMgca(nn.Module):
                        "method.word_slots": (_get(mc, "word_slots", "all"), "all"),
                        "method.ita_groups": (int(_get(mc, "ita_groups", 1)), 1),
                        "model.text.word_attn_shift": (int(_get(txt, "word_attn_shift", 0)), 0),
-                       "model.text.sum_last_layers": (int(_get(txt, "sum_last_layers", 1)), 1),
-                       "model.dtype": (m.dtype, "float32")}
+                       "model.text.sum_last_layers": (int(_get(txt, "sum_last_layers", 1)), 1)}
         for field, (value, want) in unsupported.items():
             if value != want:
                 raise ValueError(f"compare_torch: config.{field}={value!r} is not ported (only {want!r})")
+        if m.dtype not in AUTOCAST_DTYPES:
+            raise ValueError(f"compare_torch: config.model.dtype={m.dtype!r} is not ported "
+                             f"(one of {sorted(AUTOCAST_DTYPES)})")
+        # Our model.dtype is the compute dtype with float32 parameters; torch's counterpart is autocast.
+        self.autocast_dtype = AUTOCAST_DTYPES[m.dtype]
         self.vit = ViTModel(ViTConfig(
             hidden_size=img.width, num_hidden_layers=img.depth, num_attention_heads=img.num_heads,
             intermediate_size=img.mlp_dim, image_size=img.image_size, patch_size=img.patch_size,
@@ -114,7 +123,7 @@ class TorchMgca(nn.Module):
         t = self.bert(input_ids=ids, attention_mask=mask, position_ids=positions, output_attentions=True)
         tokens = t.last_hidden_state                                         # [b, l, w]
         token_attn = t.attentions[-1][:, :, 0, :].mean(dim=1)                # [b, l]
-        slots = torch.arange(l)
+        slots = torch.arange(l, device=ids.device)
         onehot = (word_ids[:, :, None] == slots[None, None, :]).to(tokens.dtype)          # [b, l, l]
         word_feat = torch.einsum("bts,btw->bsw", onehot, tokens)
         word_attn = torch.einsum("bts,bt->bs", onehot, token_attn)
@@ -158,8 +167,8 @@ def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Ten
     q = q / q.sum()
     safe = lambda num, den: num / torch.where(den > 0, den, torch.ones_like(den))
     for _ in range(iterations):
-        q = q * safe(torch.tensor(1.0 / k), q.sum(dim=1, keepdim=True))
-        q = q * safe(torch.tensor(1.0 / b), q.sum(dim=0, keepdim=True))
+        q = q * safe(torch.tensor(1.0 / k, device=q.device), q.sum(dim=1, keepdim=True))
+        q = q * safe(torch.tensor(1.0 / b, device=q.device), q.sum(dim=0, keepdim=True))
     return safe(q, q.sum(dim=0, keepdim=True)).T
 
 
@@ -167,8 +176,8 @@ def _diag_ce(logits: torch.Tensor, col_mask: torch.Tensor | None = None) -> torc
     """Per-row CE with the diagonal as target over [..., n, n]; ``col_mask`` [..., n] drops other columns."""
     n = logits.shape[-1]
     if col_mask is not None:
-        keep = col_mask[..., None, :] | torch.eye(n, dtype=torch.bool)
-        logits = torch.where(keep, logits, torch.tensor(NEG_INF, dtype=logits.dtype))
+        keep = col_mask[..., None, :] | torch.eye(n, dtype=torch.bool, device=logits.device)
+        logits = torch.where(keep, logits, torch.tensor(NEG_INF, dtype=logits.dtype, device=logits.device))
     return -torch.diagonal(F.log_softmax(logits, dim=-1), dim1=-2, dim2=-1)
 
 
@@ -207,7 +216,7 @@ def mgca_loss(prototypes: torch.Tensor, out: dict[str, torch.Tensor], mc) -> tup
     if _get(mc, "bidirectional", True):
         keys = out["slot_mask"][:, 1:]
         logits_p = torch.einsum("bpd,btd->bpt", patches, words) / tau_l
-        attn_p = torch.softmax(torch.where(keys[:, None, :], logits_p, torch.tensor(NEG_INF)), dim=-1)
+        attn_p = torch.softmax(torch.where(keys[:, None, :], logits_p, torch.tensor(NEG_INF, dtype=logits_p.dtype, device=logits_p.device)), dim=-1)
         ctx_p = torch.einsum("bpt,btd->bpd", attn_p, words)
         if _get(mc, "patch_context_norm", "auto") == "always":
             ctx_p = F.normalize(ctx_p, dim=-1, eps=1e-12)
@@ -236,16 +245,25 @@ def train_step(model: TorchMgca, opt: torch.optim.Optimizer, batch: dict[str, to
     """Forward, backward and AdamW update (dropout and BatchNorm in training mode); the loss value."""
     model.train()
     opt.zero_grad(set_to_none=True)
-    loss, _ = model(batch)
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=model.autocast_dtype or torch.float32,
+                        enabled=model.autocast_dtype is not None):
+        loss, _ = model(batch)
     loss.backward()
     opt.step()
     return float(loss.detach())
 
 
-def to_torch(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The synthetic numpy batch (data.example_batch.example_batch_for) as torch tensors (int64 ids)."""
+def to_torch(batch: dict[str, Any], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The synthetic numpy batch (data.example_batch.example_batch_for) as torch tensors (int64 ids) on
+    ``device``."""
     out = {}
     for k, v in batch.items():
         t = torch.from_numpy(v.copy())
-        out[k] = t.long() if k in ("input_ids", "attention_mask", "word_ids") else t
+        out[k] = (t.long() if k in ("input_ids", "attention_mask", "word_ids") else t).to(device)
     return out
+
+
+def default_device() -> str:
+    """"cuda" when PyTorch sees a GPU, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -66,6 +66,29 @@ def test_unported_settings_are_refused():
         torch_mgca.TorchMgca(config)
 
 
+def test_bfloat16_runs_the_forward_under_autocast_with_float32_parameters():
+    config = helpers.load_config("mgca", "test")
+    batch = torch_mgca.to_torch(__import__("medvlp_jax.data.example_batch", fromlist=["x"]).example_batch_for(
+        config, config.train.batch_size, seed=0))
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        config.model.dtype = dtype
+        torch.manual_seed(0)
+        model = torch_mgca.TorchMgca(config)
+        assert model.autocast_dtype == (torch.bfloat16 if dtype == "bfloat16" else None)
+        seen = []
+        hook = model.vit.encoder.layer[0].intermediate.dense.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        losses[dtype] = torch_mgca.train_step(model, torch_mgca.make_optimizer(model, config.optim), batch)
+        hook.remove()
+        assert seen == [torch.bfloat16 if dtype == "bfloat16" else torch.float32]
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert np.isfinite(losses["bfloat16"])
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.05)   # same model, bf16 rounding only
+    config.model.dtype = "float16"
+    with pytest.raises(ValueError, match="model.dtype"):
+        torch_mgca.TorchMgca(config)
+
+
 @pytest.mark.slow
 def test_compare_torch_cli_smoke(tmp_path):
     out = tmp_path / "cmp.json"
@@ -85,6 +108,7 @@ def test_compare_torch_cli_smoke(tmp_path):
     assert r["ratio_jax_over_torch"] == pytest.approx(np.median(all_jax) / np.median(all_torch))
     assert "not the authors' code" in r["torch"]["what"] and "NOT the authors' code" in proc.stdout
     assert r["torch"]["threads"] == 1 and r["config"]["clip_norm"] == 0
+    assert r["torch"]["device"] == "CPU, 1 threads" and r["jax"]["device"] == "cpu"
     (v,) = r["variants"]                             # the before/after row, timed in the same alternations
     assert v["label"] == "no barrier" and v["fields"] == {"model.fusion_barrier": "off", "train.prng_impl": "rbg"}
     assert len(r["rounds"][0]["variant0_s"]) == 2
