@@ -28,7 +28,8 @@ Config (``config.method``), defaults = the authors' arithmetic:
       over the words, is AttnGAN's) | "regions" (the paper: beta_{t,r} = softmax_r(temp1 * <v_{j,r}, e_{i,t}>),
       one softmax over the regions). The first softmax bounds a_{t,r} to [0, 1], so temp1 * a spans at most
       4 nats: each word's map over the regions stays nearly flat. Yet in the blob world the authors' form
-      localizes better (docs/demo_results.md, "Localization in the blob world": pointing game 0.60 vs 0.24).
+      localizes better (docs/demo_results.md, "Localization in the blob world": pointing game 0.60 vs 0.24);
+      on the demo both are at or below chance (0.067 ± 0.091 vs 0.137 ± 0.061, three seeds).
       Used in the loss, the maps and GLoRIA's zero-shot scores (``gloria_zero_shot_scores``).
   local_weight, global_weight: 1.0, 1.0.
   local_agg: "sum" (log-sum-exp over words, the authors' default) | "mean" (log-mean-exp, their option).
@@ -38,6 +39,8 @@ Config (``config.method``), defaults = the authors' arithmetic:
       True (fixed) counts every word. The count comes from ``batch["bracket_words"]`` (data/tokenizer.py);
       a batch without that key counts no [UNK]. ``similarity_maps`` has no batch and uses every word.
   include_cls_word [quirk]: True (authors: [CLS] takes part as a word in the local term); False = fixed.
+      On the demo it is what flattens the authors' maps: trained, [CLS] takes >99% of the first softmax at
+      every region, so each word's map is uniform (docs/demo_results.md, "Why GLoRIA's maps collapse").
   include_sep_word [quirk]: False (authors: the first n_i = #words + 1 columns, so [SEP] is dropped);
       True adds [SEP] (the slot after the last word) to the local words.
   report_vector [quirk]: how g^T is formed.
