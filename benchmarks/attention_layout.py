@@ -6,9 +6,10 @@
 
 Times ``models.vit.SelfAttention`` (``einsum("bqhd,bkhd->bhqk")`` straight on the projections' [b, n, heads,
 hd]) and a variant that transposes q, k, v to [b, heads, n, hd] before the two batched products (tried for
-issue 14 and not adopted: docs/benchmarks.md), both on the same parameters and input, the jitted gradient of a scalar of the outputs and probabilities with
-respect to the parameters and the input, alternately (``--rounds``), and prints the medians and the largest
-difference of the values and gradients. One process, every CPU; run it on a quiet machine.
+issue 14 and not adopted: docs/benchmarks.md), both on the same parameters and input: the jitted gradient of a
+scalar of the outputs and probabilities with respect to the parameters and the input, alternately
+(``--rounds``). Prints the medians and the largest difference of the values and gradients. One process, every
+CPU; run it on a quiet machine.
 """
 import os
 import sys

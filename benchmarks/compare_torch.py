@@ -185,8 +185,8 @@ def compare(config, *, steps: int, warmup: int, alternations: int, threads: int 
                    "text_len": int(config.data.max_text_len), "dtype": config.model.dtype,
                    "clip_norm": float(config.optim.clip_norm or 0.0),
                    "prng_impl": config.train.get("prng_impl", "threefry2x32")},
-        "jax": {"device": devices[0].device_kind, "step_s": jax_s, "cpu_s": med("jax_cpu_s"), "compile_s": compile_s, "params": jax_params,
-                "version": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")},
+        "jax": {"device": devices[0].device_kind, "step_s": jax_s, "cpu_s": med("jax_cpu_s"), "compile_s": compile_s,
+                "params": jax_params, "version": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")},
         "torch": {"step_s": torch_s, "cpu_s": med("torch_cpu_s"), "params": torch_params,
                   "version": torch.__version__, "threads": threads, "device": torch_device_name,
                   "what": "our PyTorch stand-in (transformers ViTModel + BertModel, MGCA heads, port of our MGCA "
@@ -203,7 +203,8 @@ def markdown(r: dict) -> str:
              f"clip_norm {c['clip_norm']:g}; median over {sum(len(x['jax_s']) for x in r['rounds'])} steps per side "
              f"in {len(r['rounds'])} alternations", "",
              "| step | s/step | images/s | process CPU s/step | parameters |", "|---|---|---|---|---|",
-             f"| medvlp_jax (jax {r['jax']['version']}, {r['jax'].get('device', '')}, prng {c['prng_impl']}) | {r['jax']['step_s']:.3f} | "
+             f"| medvlp_jax (jax {r['jax']['version']}, {r['jax'].get('device', '')}, prng {c['prng_impl']}) | "
+             f"{r['jax']['step_s']:.3f} | "
              f"{images(r['jax']['step_s']):.2f} | {r['jax']['cpu_s']:.2f} | {r['jax']['params']:,} |",
              f"| PyTorch stand-in (torch {r['torch']['version']}, {r['torch']['device']}; NOT the authors' "
              f"code) | {r['torch']['step_s']:.3f} | {images(r['torch']['step_s']):.2f} | {r['torch']['cpu_s']:.2f} | "

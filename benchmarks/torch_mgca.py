@@ -167,8 +167,8 @@ def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Ten
     q = q / q.sum()
     safe = lambda num, den: num / torch.where(den > 0, den, torch.ones_like(den))
     for _ in range(iterations):
-        q = q * safe(torch.tensor(1.0 / k, device=q.device), q.sum(dim=1, keepdim=True))
-        q = q * safe(torch.tensor(1.0 / b, device=q.device), q.sum(dim=0, keepdim=True))
+        q = q * safe(q.new_tensor(1.0 / k), q.sum(dim=1, keepdim=True))
+        q = q * safe(q.new_tensor(1.0 / b), q.sum(dim=0, keepdim=True))
     return safe(q, q.sum(dim=0, keepdim=True)).T
 
 
@@ -177,7 +177,7 @@ def _diag_ce(logits: torch.Tensor, col_mask: torch.Tensor | None = None) -> torc
     n = logits.shape[-1]
     if col_mask is not None:
         keep = col_mask[..., None, :] | torch.eye(n, dtype=torch.bool, device=logits.device)
-        logits = torch.where(keep, logits, torch.tensor(NEG_INF, dtype=logits.dtype, device=logits.device))
+        logits = torch.where(keep, logits, logits.new_tensor(NEG_INF))
     return -torch.diagonal(F.log_softmax(logits, dim=-1), dim1=-2, dim2=-1)
 
 
@@ -216,7 +216,7 @@ def mgca_loss(prototypes: torch.Tensor, out: dict[str, torch.Tensor], mc) -> tup
     if _get(mc, "bidirectional", True):
         keys = out["slot_mask"][:, 1:]
         logits_p = torch.einsum("bpd,btd->bpt", patches, words) / tau_l
-        attn_p = torch.softmax(torch.where(keys[:, None, :], logits_p, torch.tensor(NEG_INF, dtype=logits_p.dtype, device=logits_p.device)), dim=-1)
+        attn_p = torch.softmax(torch.where(keys[:, None, :], logits_p, logits_p.new_tensor(NEG_INF)), dim=-1)
         ctx_p = torch.einsum("bpt,btd->bpd", attn_p, words)
         if _get(mc, "patch_context_norm", "auto") == "always":
             ctx_p = F.normalize(ctx_p, dim=-1, eps=1e-12)

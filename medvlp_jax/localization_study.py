@@ -161,7 +161,9 @@ def grounding_curve(workdir: str, steps: int, every: int) -> list[dict[str, Any]
     for step in curve_steps(steps, every):
         if step in done:
             continue
-        res = read_results(workdir, untrained=True) if step == 0 else read_results(workdir) if step == steps else None
+        res = None
+        if step in (0, steps):      # the same weights and protocol as the suite's untrained / final evaluation
+            res = read_results(workdir, untrained=(step == 0))
         if res is None:
             try:
                 run = common.load_run(workdir, untrained=True) if step == 0 else common.load_run(workdir, step=step)

@@ -19,8 +19,8 @@ def test_heads_major_variant_equals_the_towers_attention(dropout):
 
 
 def test_script_prints_both_rows():
-    out = subprocess.run([sys.executable, os.path.join(helpers.ROOT, "benchmarks", "attention_layout.py"), "--batch=2", "--tokens=9", "--width=32",
-                          "--heads=4", "--rounds=2"], capture_output=True, text=True, check=True,
-                         timeout=300).stdout
+    script = os.path.join(helpers.ROOT, "benchmarks", "attention_layout.py")
+    out = subprocess.run([sys.executable, script, "--batch=2", "--tokens=9", "--width=32", "--heads=4", "--rounds=2"],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
     assert "| sequence-major (models.vit.SelfAttention) |" in out and "| heads-major (variant) |" in out
     assert "heads-major / sequence-major" in out

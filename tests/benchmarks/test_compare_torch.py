@@ -13,6 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from benchmarks import torch_mgca  # noqa: E402
+from medvlp_jax.data.example_batch import example_batch_for  # noqa: E402
 from medvlp_jax.methods import local_ops, mgca  # noqa: E402
 from medvlp_jax.types import EncoderOutputs  # noqa: E402
 from tests import helpers  # noqa: E402
@@ -68,8 +69,7 @@ def test_unported_settings_are_refused():
 
 def test_bfloat16_runs_the_forward_under_autocast_with_float32_parameters():
     config = helpers.load_config("mgca", "test")
-    batch = torch_mgca.to_torch(__import__("medvlp_jax.data.example_batch", fromlist=["x"]).example_batch_for(
-        config, config.train.batch_size, seed=0))
+    batch = torch_mgca.to_torch(example_batch_for(config, config.train.batch_size, seed=0))
     losses = {}
     for dtype in ("float32", "bfloat16"):
         config.model.dtype = dtype
@@ -77,7 +77,8 @@ def test_bfloat16_runs_the_forward_under_autocast_with_float32_parameters():
         model = torch_mgca.TorchMgca(config)
         assert model.autocast_dtype == (torch.bfloat16 if dtype == "bfloat16" else None)
         seen = []
-        hook = model.vit.encoder.layer[0].intermediate.dense.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        dense = model.vit.encoder.layer[0].intermediate.dense
+        hook = dense.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
         losses[dtype] = torch_mgca.train_step(model, torch_mgca.make_optimizer(model, config.optim), batch)
         hook.remove()
         assert seen == [torch.bfloat16 if dtype == "bfloat16" else torch.float32]
