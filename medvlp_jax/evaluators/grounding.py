@@ -46,6 +46,18 @@ as well as one that is hot on it):
   of each phrase's map on its own boxes and on the other phrases' boxes (``phrase_discrimination``): a map
   that lights up whatever stands out, whatever the phrase, scores the two alike.
 
+Collapsed maps, which the scores above only show as chance-level figures:
+
+* ``flat_fraction``: the share of phrases whose grid map is constant to float32 precision (range within
+  1e-5 of its largest magnitude); such a map has no maximum, and the pointing game takes its first cell;
+* ``argmax_mode_share``: the share of phrases whose map peaks in the most common peak cell
+  (``argmax_mode_cell``, row-major index): near 1 when every map points at one place whatever the image
+  (1 / cells or so for maps that follow the findings);
+* ``attention/<name>``: the method's own statistics of its maps, averaged over phrases, for methods that
+  define ``Objective.map_diagnostics`` (GLoRIA: ``first_softmax_cls_share``, the weight that [CLS] takes in
+  the authors' first softmax over words, and ``word_map_peak_mass``, 1 / cells for uniform word maps), with
+  ``attention/uniform_peak_mass`` = 1 / cells beside them.
+
 Results: means over phrases, per finding name (``cnr/<name>``, ...), ``pointing_game_chance`` (the share of
 the grid's patch centres inside the boxes: the hit rate of a map whose maximum falls on a uniformly random
 patch; about the boxes' share of the image), and protocol facts. A few figures
@@ -202,14 +214,19 @@ def phrase_maps(run, images: np.ndarray, phrases: Sequence[str], *, mode: str = 
     Returns:
         [m, gh, gw] float32 maps (higher = more related).
     """
+    mode = resolve_mode(run, mode)
+    fn = phrase_map_fn(run, mode)
+    return batched_apply(lambda b: fn(run.method_params, run.variables, b),
+                         _query_arrays(run, images, phrases, max_text_len), mesh=run.mesh,
+                         batch_size=int(batch_size or run.config.train.batch_size)).astype(np.float32)
+
+
+def _query_arrays(run, images: np.ndarray, phrases: Sequence[str], max_text_len: Optional[int]) -> dict:
+    """The model's input rows for (image, phrase) pairs: images [m, h, w, c] and the phrases' tokens."""
     if len(phrases) != len(images):
         raise ValueError(f"{len(images)} images but {len(phrases)} phrases")
-    mode = resolve_mode(run, mode)
     tokens = tokenizer_lib.encode(run.tokenizer, list(phrases), int(max_text_len or run.config.data.max_text_len))
-    fn = phrase_map_fn(run, mode)
-    arrays = {"image": np.asarray(images, np.float32), **tokens}
-    return batched_apply(lambda b: fn(run.method_params, run.variables, b), arrays, mesh=run.mesh,
-                         batch_size=int(batch_size or run.config.train.batch_size)).astype(np.float32)
+    return {"image": np.asarray(images, np.float32), **tokens}
 
 
 def box_masks(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -306,6 +323,51 @@ def map_specificity(queries: Sequence[PhraseQuery], grids: np.ndarray) -> dict[s
         corr = _mean_correlation(consecutive(groups))
         if corr is not None:
             out[key] = 1.0 - corr
+    return out
+
+
+def map_collapse(grids: np.ndarray) -> dict[str, float]:
+    """Are the maps flat, or all peaked on one cell? (see module docstring).
+
+    Args:
+        grids: [m, gh, gw] grid maps, m >= 1.
+
+    Returns:
+        ``flat_fraction``, ``argmax_mode_share`` and ``argmax_mode_cell`` (row-major index of the most
+        common peak cell; the first such cell on ties).
+    """
+    flat = np.asarray(grids, np.float64).reshape(len(grids), -1)
+    span = flat.max(axis=1) - flat.min(axis=1)
+    scale = np.maximum(np.abs(flat).max(axis=1), 1e-30)
+    peaks = flat.argmax(axis=1)
+    counts = np.bincount(peaks, minlength=flat.shape[1])
+    return {"flat_fraction": float(np.mean(span <= 1e-5 * scale)),
+            "argmax_mode_share": float(counts.max() / len(peaks)),
+            "argmax_mode_cell": int(counts.argmax())}
+
+
+def attention_diagnostics(run, images: np.ndarray, phrases: Sequence[str], *, batch_size: int = 0,
+                          max_text_len: Optional[int] = None) -> dict[str, float]:
+    """Means over the (image, phrase) rows of ``Objective.map_diagnostics`` as ``attention/<name>``.
+
+    Empty when the method defines no diagnostics or there are no rows.
+    """
+    diagnostics = getattr(run.objective, "map_diagnostics", None)
+    if diagnostics is None or not len(phrases):
+        return {}
+
+    def fn(method_params, variables, batch):
+        out = run.model.apply(variables, batch, train=False)
+        stats = diagnostics(method_params, out)
+        return {k: v.astype(jnp.float32) for k, v in stats.items()}, jnp.full((out.patch_emb.shape[0],),
+                                                                             out.patch_emb.shape[1])
+
+    jitted = jax.jit(fn, out_shardings=sharding_lib.replicated(run.mesh))
+    stats, cells = batched_apply(lambda b: jitted(run.method_params, run.variables, b),
+                                 _query_arrays(run, images, phrases, max_text_len), mesh=run.mesh,
+                                 batch_size=int(batch_size or run.config.train.batch_size))
+    out = {f"attention/{k}": float(np.mean(v)) for k, v in stats.items()}
+    out["attention/uniform_peak_mass"] = float(1.0 / cells[0])
     return out
 
 
@@ -411,6 +473,11 @@ def evaluate(run, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     centres = upsample_to_crop(run, grids[:1], split.size, alignment)[1] if queries else None
     res: dict[str, Any] = {**aggregate(scores, names), **map_specificity(queries, grids),
                            **phrase_discrimination(queries, grids, centres)}
+    if queries:
+        res.update(map_collapse(grids))
+        if mode == "objective":
+            res.update(attention_diagnostics(run, split.images[[q.example for q in queries]],
+                                             [q.phrase for q in queries], batch_size=batch_size))
     if cfg.get("also_oracle", True) and queries:
         # The protocol's ceiling at this encoder's grid: maps built from the finding masks, scored the same way.
         oracle = oracle_grid_maps(split, queries, grids.shape[1:], centres)
@@ -428,7 +495,8 @@ def evaluate(run, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
             _, _, cos_scores, cos_grids = ground_split(run, split, mode="cosine", batch_size=batch_size,
                                                        alignment=alignment)
         cosine = {**aggregate(cos_scores, names), **map_specificity(queries, cos_grids),
-                  **phrase_discrimination(queries, cos_grids, centres)}
+                  **phrase_discrimination(queries, cos_grids, centres),
+                  **(map_collapse(cos_grids) if queries else {})}
         res.update({f"cosine/{k}": v for k, v in cosine.items()
                     if not k.startswith(("protocol/", "pointing_game_chance"))})
     res.update({

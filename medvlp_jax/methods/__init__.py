@@ -49,6 +49,9 @@ class Objective(NamedTuple):
     update_state: Optional[Callable[[Any, dict], tuple[Any, dict]]] = None
     zero_shot_scores: Optional[Callable[..., Any]] = None
     check_metrics: Optional[Callable[[dict[str, float]], dict[str, str]]] = None
+    # (method_params, EncoderOutputs) -> {name: [b]}: per-pair statistics of how ``similarity_maps`` attends,
+    # averaged over the phrase queries by the grounding evaluator ("attention/<name>").
+    map_diagnostics: Optional[Callable[..., Any]] = None
 
 
 OBJECTIVES = Registry("objective")

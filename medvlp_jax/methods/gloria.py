@@ -62,7 +62,9 @@ each chunk's inputs for the backward (O(b^2 t (p + d)) when ``text_chunk`` is No
 O(b^2 d) FLOPs, O(b^2) memory.
 
 Also here: ``similarity_maps`` (beta of the matching pairs, the attention maps GLoRIA plots and grounding
-reads) and ``gloria_zero_shot_scores`` (methods.md 3.4), a pure function.
+reads), ``gloria_zero_shot_scores`` (methods.md 3.4), a pure function, and the map diagnostics the grounding
+evaluator reports as ``attention/*``: ``first_softmax_cls_share`` (how much of the first softmax [CLS] takes)
+and ``word_map_peak_mass`` (1/p when every word's map is uniform).
 """
 from __future__ import annotations
 
@@ -226,6 +228,34 @@ def attention_maps(word_emb: Array, word_set: Array, patch_emb: Array, temp1: fl
     return jnp.where(word_set[:, :, None], beta, 0.0)
 
 
+def first_softmax_cls_share(word_emb: Array, word_set: Array, patch_emb: Array) -> Array:
+    """How much of the authors' first softmax (over words, at each region) goes to slot 0 ([CLS]).
+
+    Args:
+      word_emb: [b, t, d]; word_set: [b, t] bool (the words of the first softmax); patch_emb: [b, p, d].
+    Returns:
+      [b]: the first softmax's weight on slot 0, averaged over the p regions; 0 where slot 0 is not in
+      ``word_set``. Near 1, every word's second-softmax map is uniform (temp1 times ~0 for all regions).
+    """
+    word_emb, patch_emb = local_ops.wide(word_emb), local_ops.wide(patch_emb)
+    dots = jnp.einsum("btd,bpd->btp", word_emb, patch_emb)
+    a = jax.nn.softmax(jnp.where(word_set[:, :, None], dots, common.NEG_INF), axis=-2)   # [b, t, p]
+    return jnp.where(word_set[:, 0], jnp.mean(a[:, 0, :], axis=-1), 0.0)
+
+
+def word_map_peak_mass(beta: Array, words: Array) -> Array:
+    """The largest region weight of each word's map, averaged over ``words``.
+
+    Args:
+      beta: [b, t, p] maps whose word rows sum to 1; words: [b, t] bool.
+    Returns:
+      [b]: 1/p for uniform maps, 1 for maps on a single region; 0 for a row of ``words`` that is all False.
+    """
+    peak = jnp.max(beta, axis=-1)                                              # [b, t]
+    w = words.astype(peak.dtype)
+    return jnp.sum(peak * w, axis=-1) / jnp.maximum(jnp.sum(w, axis=-1), 1.0)
+
+
 def _cross_block(words: Array, word_set: Array, regions: Array, temp1, temp2, agg: str,
                  attention: str = "words_then_regions") -> Array:
     """R for c texts against n images. words: [c, t, d]; word_set: [c, t]; regions: [n, p, d]. Returns [c, n]."""
@@ -377,7 +407,17 @@ def make(cfg, *, steps_per_epoch: int) -> Objective:
         words = local_word_set(out.word_mask, out.slot_mask, settings.include_cls_word, settings.include_sep_word)
         return attention_maps(out.word_emb, words, out.patch_emb, settings.temp1, settings.attention)
 
+    def map_diagnostics(method_params, out: EncoderOutputs) -> dict[str, Array]:
+        """Per pair: the [CLS] share of the first softmax (authors' two softmaxes) and the words' peak mass."""
+        beta = similarity_maps(method_params, out)
+        stats = {"word_map_peak_mass": word_map_peak_mass(beta, out.word_mask)}
+        if settings.attention == "words_then_regions":
+            words = local_word_set(out.word_mask, out.slot_mask, settings.include_cls_word,
+                                   settings.include_sep_word)
+            stats["first_softmax_cls_share"] = first_softmax_cls_share(out.word_emb, words, out.patch_emb)
+        return stats
+
     zero_shot_scores = zero_shot_scorer(report_vector_mode=settings.report_vector, attention=settings.attention,
                                         temp1=settings.temp1, temp2=settings.temp2)
     return Objective(name="gloria", init=init, loss=loss, similarity_maps=similarity_maps,
-                     zero_shot_scores=zero_shot_scores)
+                     zero_shot_scores=zero_shot_scores, map_diagnostics=map_diagnostics)

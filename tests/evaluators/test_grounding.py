@@ -247,6 +247,53 @@ def test_objective_maps_are_also_scored_as_cosine_maps(syn_run):
     assert not any(k.startswith("cosine/") for k in grounding.evaluate(run, cfg))
 
 
+def test_map_collapse_against_hand_built_grids():
+    from medvlp_jax.evaluators.grounding import map_collapse
+    flat = np.full((2, 2, 3), 0.25, np.float32)                        # constant maps (to float32 precision)
+    flat[1] += np.float32(1e-8)
+    peaked = np.zeros((4, 2, 3), np.float32)
+    for k, cell in enumerate([4, 4, 4, 1]):
+        peaked[k].flat[cell] = 1.0
+    res = map_collapse(np.concatenate([flat, peaked]))
+    assert res["flat_fraction"] == pytest.approx(2 / 6)
+    # peaks: the flat maps at cell 0 (first maximum), then 4, 4, 4, 1 -> cell 4 holds 3 of 6
+    assert res["argmax_mode_share"] == pytest.approx(3 / 6) and res["argmax_mode_cell"] == 4
+    assert map_collapse(np.eye(4).reshape(4, 2, 2))["argmax_mode_share"] == 0.25
+
+
+def test_evaluate_reports_gloria_attention_diagnostics(syn_run):
+    """A GLoRIA objective on the synthetic run: attention/* are the means over the phrase queries of the
+    objective's own statistics, computed here on the same (image, phrase) rows."""
+    import jax
+    import ml_collections
+    from medvlp_jax import evaluators
+    from medvlp_jax.data import tokenizer as tokenizer_lib
+    from medvlp_jax.evaluators import grounding
+    from medvlp_jax.evaluators.localized import read_localized_split
+    from medvlp_jax.methods import make_objective
+
+    gloria = make_objective(ml_collections.ConfigDict(dict(name="gloria")), steps_per_epoch=1)
+    run = dataclasses.replace(syn_run, objective=gloria)
+    cfg = ml_collections.ConfigDict(dict(data=evaluators.default_data(), seed=0, map="auto", num_heatmaps=0,
+                                         also_oracle=False))
+    res = grounding.evaluate(run, cfg)
+    split = read_localized_split(evaluators.eval_config(run, cfg), "test")
+    queries = grounding.phrase_queries(split)
+    tokens = tokenizer_lib.encode(run.tokenizer, [q.phrase for q in queries], run.config.data.max_text_len)
+    batch = {"image": split.images[[q.example for q in queries]], **tokens}
+    out = jax.jit(lambda v, b: run.model.apply(v, b, train=False))(run.variables, batch)
+    want = jax.device_get(gloria.map_diagnostics({}, out))
+    for k, v in want.items():
+        assert res[f"attention/{k}"] == pytest.approx(float(np.mean(v)), rel=1e-4)
+    assert res["attention/uniform_peak_mass"] == pytest.approx(1 / 16)          # the 4x4 grid
+    assert 0 < res["attention/first_softmax_cls_share"] < 1
+    assert 1 / 16 <= res["attention/word_map_peak_mass"] <= 1
+    for prefix in ("", "cosine/"):
+        assert 0 <= res[f"{prefix}flat_fraction"] <= 1 and 0 < res[f"{prefix}argmax_mode_share"] <= 1
+    # Methods without diagnostics, and cosine maps, report no attention/* keys.
+    assert not any(k.startswith("attention/") for k in grounding.evaluate(syn_run, cfg))
+
+
 def test_cells_in_box_follow_the_grid_centres():
     """Half-pixel centres: the same cells as metrics.box_to_mask without keep_small; CNN centres (cell i at pixel
     s * i) move the cells a box holds up-left by half a cell."""

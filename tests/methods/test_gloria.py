@@ -1,4 +1,5 @@
 """GLoRIA objective vs a loop-by-loop NumPy transcription of the authors' loss (methods.md section 3)."""
+import dataclasses
 import functools
 
 import jax
@@ -275,6 +276,39 @@ def test_similarity_maps_are_the_matching_pair_attention():
         np.testing.assert_allclose(maps[i, cols], beta, rtol=1e-5, atol=1e-7)
         others = np.setdiff1d(np.arange(T), cols)
         assert np.all(maps[i, others] == 0)
+
+
+def test_map_diagnostics_match_reference():
+    """[CLS]'s share of the first softmax and the words' peak mass, against loops over the pairs."""
+    out = random_outputs(8)
+    stats = jax.device_get(objective().map_diagnostics({}, out))
+    E, V = np.asarray(out.word_emb, np.float64), np.asarray(out.patch_emb, np.float64)
+    for i in range(B):
+        cols = np_columns(i, N_WORDS)
+        attn = np_softmax(V[i] @ E[i, cols].T, axis=1)                   # [p, words]: first softmax per region
+        beta = np_softmax(4.0 * attn.T, axis=1)                          # [words, p]
+        np.testing.assert_allclose(stats["first_softmax_cls_share"][i], attn[:, 0].mean(), rtol=1e-5)
+        # the peak mass counts the real words only ([CLS] is column 0 of beta)
+        np.testing.assert_allclose(stats["word_map_peak_mass"][i], beta[1:].max(axis=1).mean(), rtol=1e-5)
+    assert np.all(jax.device_get(objective(include_cls_word=False).map_diagnostics({}, out))
+                  ["first_softmax_cls_share"] == 0)
+    assert set(objective(attention="regions").map_diagnostics({}, out)) == {"word_map_peak_mass"}
+
+
+def test_a_dominant_cls_flattens_every_word_map():
+    """When [CLS] aligns far better with every region than the words do, it takes the first softmax and
+    each word's second-softmax map tends to uniform (peak mass 1/p): the demo's collapse (methods/gloria.py)."""
+    out = random_outputs(9, normalize=True)
+    base = jax.device_get(objective().map_diagnostics({}, out))
+    assert np.all(base["word_map_peak_mass"] > 1.2 / P) and np.all(base["first_softmax_cls_share"] < 0.9)
+    shared = np.random.default_rng(9).normal(size=(B, 1, D))             # a direction every region shares
+    out = dataclasses.replace(out, patch_emb=jnp.asarray(shared + 0.3 * np.asarray(out.patch_emb), jnp.float32))
+    strong = np.asarray(out.word_emb).copy()
+    strong[:, 0] = 10.0 * shared[:, 0]                                    # [CLS] along it, scaled up
+    dominated = dataclasses.replace(out, word_emb=jnp.asarray(strong))
+    stats = jax.device_get(objective().map_diagnostics({}, dominated))
+    assert np.all(stats["first_softmax_cls_share"] > 0.99)
+    np.testing.assert_allclose(stats["word_map_peak_mass"], 1.0 / P, rtol=0.05)
 
 
 def test_zero_shot_scores_match_reference():
