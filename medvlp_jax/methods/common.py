@@ -1,7 +1,8 @@
 """Building blocks shared by the objectives: masked softmax/means, the diagonal cross-entropy
 (``diag_ce``, ``bidirectional_ce``) and InfoNCE, normalisation, masked
 quantile clipping (torch.quantile semantics), Sinkhorn-Knopp, torch-style cosine, and the chunked
-cross-sample helpers (``map_in_chunks``, ``chunked_diag_ce``) that keep [b, b, t, p] tensors out of memory."""
+cross-sample helpers (``map_in_chunks``, ``chunked_diag_ce``) that keep [b, b, t, p] tensors out of memory, and
+``word_map_peak_mass`` (a diagnostic of word-to-patch maps)."""
 from __future__ import annotations
 
 import jax
@@ -283,3 +284,16 @@ def chunked_diag_ce(queries: jax.Array, keys: jax.Array, key_mask: jax.Array | N
         return lse - own
 
     return map_in_chunks(body, (queries, jnp.arange(n)), chunk)
+
+
+def word_map_peak_mass(beta: jax.Array, words: jax.Array) -> jax.Array:
+    """The largest region weight of each word's map, averaged over ``words``.
+
+    Args:
+      beta: [b, t, p] maps whose word rows sum to 1; words: [b, t] bool.
+    Returns:
+      [b]: 1/p for uniform maps, 1 for maps on a single region; 0 for a row of ``words`` that is all False.
+    """
+    peak = jnp.max(beta, axis=-1)                                              # [b, t]
+    w = words.astype(peak.dtype)
+    return jnp.sum(peak * w, axis=-1) / jnp.maximum(jnp.sum(w, axis=-1), 1.0)

@@ -243,19 +243,6 @@ def first_softmax_cls_share(word_emb: Array, word_set: Array, patch_emb: Array) 
     return jnp.where(word_set[:, 0], jnp.mean(a[:, 0, :], axis=-1), 0.0)
 
 
-def word_map_peak_mass(beta: Array, words: Array) -> Array:
-    """The largest region weight of each word's map, averaged over ``words``.
-
-    Args:
-      beta: [b, t, p] maps whose word rows sum to 1; words: [b, t] bool.
-    Returns:
-      [b]: 1/p for uniform maps, 1 for maps on a single region; 0 for a row of ``words`` that is all False.
-    """
-    peak = jnp.max(beta, axis=-1)                                              # [b, t]
-    w = words.astype(peak.dtype)
-    return jnp.sum(peak * w, axis=-1) / jnp.maximum(jnp.sum(w, axis=-1), 1.0)
-
-
 def _cross_block(words: Array, word_set: Array, regions: Array, temp1, temp2, agg: str,
                  attention: str = "words_then_regions") -> Array:
     """R for c texts against n images. words: [c, t, d]; word_set: [c, t]; regions: [n, p, d]. Returns [c, n]."""
@@ -410,7 +397,7 @@ def make(cfg, *, steps_per_epoch: int) -> Objective:
     def map_diagnostics(method_params, out: EncoderOutputs) -> dict[str, Array]:
         """Per pair: the [CLS] share of the first softmax (authors' two softmaxes) and the words' peak mass."""
         beta = similarity_maps(method_params, out)
-        stats = {"word_map_peak_mass": word_map_peak_mass(beta, out.word_mask)}
+        stats = {"word_map_peak_mass": common.word_map_peak_mass(beta, out.word_mask)}
         if settings.attention == "words_then_regions":
             words = local_word_set(out.word_mask, out.slot_mask, settings.include_cls_word,
                                    settings.include_sep_word)

@@ -303,5 +303,10 @@ def make(cfg, *, steps_per_epoch: int) -> Objective:
         return word_to_patch_attention(local_ops.wide(out.word_emb), local_ops.wide(out.patch_emb),
                                        settings.local_temperature)
 
+    def map_diagnostics(method_params, out: EncoderOutputs) -> dict[str, Array]:
+        """Per pair: the largest patch weight of each word's attention, averaged over the words."""
+        return {"word_map_peak_mass": common.word_map_peak_mass(similarity_maps(method_params, out),
+                                                                out.word_mask)}
+
     return Objective(name="mgca", init=init, loss=loss, prepare_params=prepare_params, trainable=trainable,
-                     similarity_maps=similarity_maps)
+                     similarity_maps=similarity_maps, map_diagnostics=map_diagnostics)

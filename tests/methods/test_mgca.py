@@ -380,6 +380,16 @@ def test_similarity_maps_are_word_to_patch_attention():
             np.testing.assert_allclose(maps[b, t], np.exp(logits - lse(logits)), rtol=1e-5, atol=1e-7)
 
 
+def test_map_diagnostics_peak_mass_is_the_words_mean_largest_attention():
+    out = random_outputs(14)
+    stats = jax.device_get(objective().map_diagnostics({}, out))
+    w, p = np.asarray(out.word_emb, np.float64), np.asarray(out.patch_emb, np.float64)
+    words = np.asarray(out.word_mask)
+    for b in range(B):
+        peaks = [np.exp((p[b] @ w[b, t] / 0.1) - lse(p[b] @ w[b, t] / 0.1)).max() for t in range(T) if words[b, t]]
+        np.testing.assert_allclose(stats["word_map_peak_mass"][b], np.mean(peaks), rtol=1e-5)
+
+
 class _FakeModel:
     """Stands in for the DualEncoder: embeddings are free parameters (normalised), masks come from the batch."""
 
