@@ -39,8 +39,10 @@ Config (``config.method``), defaults = the authors' arithmetic:
       True (fixed) counts every word. The count comes from ``batch["bracket_words"]`` (data/tokenizer.py);
       a batch without that key counts no [UNK]. ``similarity_maps`` has no batch and uses every word.
   include_cls_word [quirk]: True (authors: [CLS] takes part as a word in the local term); False = fixed.
-      On the demo it is what flattens the authors' maps: trained, [CLS] takes >99% of the first softmax at
-      every region, so each word's map is uniform (docs/demo_results.md, "Why GLoRIA's maps collapse").
+      On the demo it is what flattens the authors' maps on two seeds of three: trained, [CLS] takes >99% of
+      the first softmax at every region, so each word's map is uniform (the grounding evaluator's
+      ``attention/first_softmax_cls_share``; docs/demo_results.md, "Why GLoRIA's maps collapse"). False
+      removes the collapse but the maps stay at chance there.
   include_sep_word [quirk]: False (authors: the first n_i = #words + 1 columns, so [SEP] is dropped);
       True adds [SEP] (the slot after the last word) to the local words.
   report_vector [quirk]: how g^T is formed.
