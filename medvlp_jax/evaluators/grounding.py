@@ -132,8 +132,10 @@ def resolve_mode(run, mode: str) -> str:
     return mode
 
 
-def phrase_map_fn(run, mode: str):
-    """jit((method_params, variables, batch) -> [b, gh, gw]) of the grid map for one (image, phrase) per row."""
+def phrase_map_fn(run, mode: str, with_diagnostics: bool = False):
+    """jit((method_params, variables, batch) -> [b, gh, gw]) of the grid map for one (image, phrase) per row;
+    with ``with_diagnostics`` (objective maps only), -> (maps, ``Objective.map_diagnostics`` {name: [b]}) from
+    the same forward."""
 
     def fn(method_params, variables, batch):
         out = run.model.apply(variables, batch, train=False)
@@ -146,7 +148,11 @@ def phrase_map_fn(run, mode: str):
             txt = out.txt_emb / jnp.maximum(jnp.linalg.norm(out.txt_emb, axis=-1, keepdims=True), 1e-12)
             patch = out.patch_emb / jnp.maximum(jnp.linalg.norm(out.patch_emb, axis=-1, keepdims=True), 1e-12)
             m = jnp.einsum("bd,bpd->bp", txt, patch)
-        return m.reshape(m.shape[0], gh, gw)
+        grid = m.reshape(m.shape[0], gh, gw)
+        if with_diagnostics:
+            stats = run.objective.map_diagnostics(method_params, out)
+            return grid, {k: v.astype(jnp.float32) for k, v in stats.items()}
+        return grid
 
     return jax.jit(fn, out_shardings=sharding_lib.replicated(run.mesh))
 
@@ -200,7 +206,7 @@ def oracle_grid_maps(split: LocalizedSplit, queries: Sequence[PhraseQuery], grid
 
 
 def phrase_maps(run, images: np.ndarray, phrases: Sequence[str], *, mode: str = "auto", batch_size: int = 0,
-                max_text_len: Optional[int] = None) -> np.ndarray:
+                max_text_len: Optional[int] = None, with_diagnostics: bool = False):
     """Grid similarity maps of phrases over their images.
 
     Args:
@@ -210,23 +216,24 @@ def phrase_maps(run, images: np.ndarray, phrases: Sequence[str], *, mode: str = 
         mode: see MAP_MODES.
         batch_size: rows per call (0: the run's training batch size).
         max_text_len: token length (default the run's).
+        with_diagnostics: also return the method's ``map_diagnostics`` per row, from the same forward.
 
     Returns:
-        [m, gh, gw] float32 maps (higher = more related).
+        [m, gh, gw] float32 maps (higher = more related); with ``with_diagnostics``, (maps, {name: [m]}), the
+        dict empty for cosine maps or a method without diagnostics.
     """
-    mode = resolve_mode(run, mode)
-    fn = phrase_map_fn(run, mode)
-    return batched_apply(lambda b: fn(run.method_params, run.variables, b),
-                         _query_arrays(run, images, phrases, max_text_len), mesh=run.mesh,
-                         batch_size=int(batch_size or run.config.train.batch_size)).astype(np.float32)
-
-
-def _query_arrays(run, images: np.ndarray, phrases: Sequence[str], max_text_len: Optional[int]) -> dict:
-    """The model's input rows for (image, phrase) pairs: images [m, h, w, c] and the phrases' tokens."""
     if len(phrases) != len(images):
         raise ValueError(f"{len(images)} images but {len(phrases)} phrases")
+    mode = resolve_mode(run, mode)
+    diagnose = with_diagnostics and mode == "objective" and getattr(run.objective, "map_diagnostics", None) is not None
     tokens = tokenizer_lib.encode(run.tokenizer, list(phrases), int(max_text_len or run.config.data.max_text_len))
-    return {"image": np.asarray(images, np.float32), **tokens}
+    fn = phrase_map_fn(run, mode, diagnose)
+    arrays = {"image": np.asarray(images, np.float32), **tokens}
+    out = batched_apply(lambda b: fn(run.method_params, run.variables, b), arrays, mesh=run.mesh,
+                        batch_size=int(batch_size or run.config.train.batch_size))
+    grids, stats = out if diagnose else (out, {})
+    grids = np.asarray(grids, np.float32)
+    return (grids, stats) if with_diagnostics else grids
 
 
 def box_masks(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -346,31 +353,6 @@ def map_collapse(grids: np.ndarray) -> dict[str, float]:
             "argmax_mode_cell": int(counts.argmax())}
 
 
-def attention_diagnostics(run, images: np.ndarray, phrases: Sequence[str], *, batch_size: int = 0,
-                          max_text_len: Optional[int] = None) -> dict[str, float]:
-    """Means over the (image, phrase) rows of ``Objective.map_diagnostics`` as ``attention/<name>``.
-
-    Empty when the method defines no diagnostics or there are no rows.
-    """
-    diagnostics = getattr(run.objective, "map_diagnostics", None)
-    if diagnostics is None or not len(phrases):
-        return {}
-
-    def fn(method_params, variables, batch):
-        out = run.model.apply(variables, batch, train=False)
-        stats = diagnostics(method_params, out)
-        return {k: v.astype(jnp.float32) for k, v in stats.items()}, jnp.full((out.patch_emb.shape[0],),
-                                                                             out.patch_emb.shape[1])
-
-    jitted = jax.jit(fn, out_shardings=sharding_lib.replicated(run.mesh))
-    stats, cells = batched_apply(lambda b: jitted(run.method_params, run.variables, b),
-                                 _query_arrays(run, images, phrases, max_text_len), mesh=run.mesh,
-                                 batch_size=int(batch_size or run.config.train.batch_size))
-    out = {f"attention/{k}": float(np.mean(v)) for k, v in stats.items()}
-    out["attention/uniform_peak_mass"] = float(1.0 / cells[0])
-    return out
-
-
 def aggregate(scores: list[dict[str, float]], names: list[str]) -> dict[str, Any]:
     """Means over queries and per finding name; counts under ``protocol/num_phrases[/<name>]``."""
     out: dict[str, Any] = {"protocol/num_phrases": len(scores)}
@@ -429,16 +411,21 @@ def ground_split(run, split: LocalizedSplit, *, mode: str = "auto", batch_size: 
 
     Returns:
         (queries, image-sized maps [m, crop, crop], per-query scores, the grid maps [m, gh, gw] those were
-        upsampled from).
+        upsampled from, the method's ``map_diagnostics`` per query {name: [m]}: empty for cosine maps).
     """
     queries = phrase_queries(split)
     if not queries:
-        return [], np.zeros((0, split.size, split.size), np.float32), [], np.zeros((0, 1, 1), np.float32)
+        return [], np.zeros((0, split.size, split.size), np.float32), [], np.zeros((0, 1, 1), np.float32), {}
     images = split.images[[q.example for q in queries]]
-    grids = phrase_maps(run, images, [q.phrase for q in queries], mode=mode, batch_size=batch_size)
+    phrases = [q.phrase for q in queries]
+    if resolve_mode(run, mode) == "objective":
+        grids, attention = phrase_maps(run, images, phrases, mode=mode, batch_size=batch_size,
+                                       with_diagnostics=True)
+    else:
+        grids, attention = phrase_maps(run, images, phrases, mode=mode, batch_size=batch_size), {}
     maps, centres = upsample_to_crop(run, grids, split.size, alignment)
     scores = [score_map(m, q.boxes, grid_map=g, centres=centres) for m, g, q in zip(maps, grids, queries)]
-    return queries, maps, scores, grids
+    return queries, maps, scores, grids, attention
 
 
 def write_heatmaps(split: LocalizedSplit, queries: list[PhraseQuery], maps: np.ndarray, out_dir: str,
@@ -467,17 +454,17 @@ def evaluate(run, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     mode = resolve_mode(run, cfg.get("map", "auto"))
     batch_size = int(cfg.get("batch_size", 0) or config.train.batch_size)
     alignment = cfg.get("grid_alignment", "encoder")
-    queries, maps, scores, grids = ground_split(run, split, mode=mode, batch_size=batch_size,
-                                                alignment=alignment)
+    queries, maps, scores, grids, attention = ground_split(run, split, mode=mode, batch_size=batch_size,
+                                                           alignment=alignment)
     names = [q.name for q in queries]
     centres = upsample_to_crop(run, grids[:1], split.size, alignment)[1] if queries else None
     res: dict[str, Any] = {**aggregate(scores, names), **map_specificity(queries, grids),
                            **phrase_discrimination(queries, grids, centres)}
     if queries:
         res.update(map_collapse(grids))
-        if mode == "objective":
-            res.update(attention_diagnostics(run, split.images[[q.example for q in queries]],
-                                             [q.phrase for q in queries], batch_size=batch_size))
+    if attention:
+        res.update({f"attention/{k}": float(np.mean(v)) for k, v in attention.items()})
+        res["attention/uniform_peak_mass"] = 1.0 / (grids.shape[1] * grids.shape[2])
     if cfg.get("also_oracle", True) and queries:
         # The protocol's ceiling at this encoder's grid: maps built from the finding masks, scored the same way.
         oracle = oracle_grid_maps(split, queries, grids.shape[1:], centres)
@@ -492,8 +479,8 @@ def evaluate(run, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
         if mode == "cosine":
             cos_scores, cos_grids = scores, grids
         else:
-            _, _, cos_scores, cos_grids = ground_split(run, split, mode="cosine", batch_size=batch_size,
-                                                       alignment=alignment)
+            _, _, cos_scores, cos_grids, _ = ground_split(run, split, mode="cosine", batch_size=batch_size,
+                                                          alignment=alignment)
         cosine = {**aggregate(cos_scores, names), **map_specificity(queries, cos_grids),
                   **phrase_discrimination(queries, cos_grids, centres),
                   **(map_collapse(cos_grids) if queries else {})}

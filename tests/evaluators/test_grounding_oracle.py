@@ -266,10 +266,10 @@ def test_misoriented_oracle_maps_score_at_or_below_chance(oracle_run, single, gr
     """The same oracle flipped left-right, up-down or transposed (what a y/x swap or a flipped grid or
     upsampling would do) misses: pointing game <= chance, mIoU ~0, CNR a fraction of the oracle's."""
     from medvlp_jax.evaluators import grounding
-    _, _, right, _ = grounding.ground_split(_with_model(oracle_run, grid), single, mode="objective")
+    _, _, right, _, _ = grounding.ground_split(_with_model(oracle_run, grid), single, mode="objective")
     assert _mean(right, "pointing_game") >= 0.95
     for how in CONTROLS:
-        _, _, wrong, _ = grounding.ground_split(_with_model(oracle_run, grid, how), single, mode="objective")
+        _, _, wrong, _, _ = grounding.ground_split(_with_model(oracle_run, grid, how), single, mode="objective")
         assert _mean(wrong, "pointing_game") <= _mean(right, "pointing_game_chance"), how
         assert _mean(wrong, "miou") < 0.05 and _mean(wrong, "cnr") < _mean(right, "cnr") / 3, how
 
@@ -327,7 +327,7 @@ def mask_oracle(oracle_run):
                 i = by_image[np.asarray(image).tobytes()]
                 union = split.masks[i][[p == phrase for p in split.phrases[i]]].any(axis=0)
                 out.append(control(area_pool(union, grid), how))
-            return np.stack(out)
+            return (np.stack(out), {}) if kw.get("with_diagnostics") else np.stack(out)
         return phrase_maps
 
     return split, make
@@ -353,13 +353,13 @@ def test_mask_oracle_with_several_findings_per_image(oracle_run, mask_oracle, mo
     assert res["phrase_specificity"] > 1.0, res
     assert res["protocol/num_phrases_multi"] == 16 and res["pointing_game_multi"] >= 0.95, res
     assert res["pointing_game_multi_other"] <= 0.05, res          # never into the other phrase's finding
-    queries, _, scores, _ = grounding.ground_split(oracle_run, split)
+    queries, _, scores, _, _ = grounding.ground_split(oracle_run, split)
     two_box = [len(q.boxes) == 2 for q in queries]
     assert sum(two_box) == 4
     chance = np.mean([s["pointing_game_chance"] for s in scores])
     for how in CONTROLS:
         monkeypatch.setattr(grounding, "phrase_maps", make(grid, how))
-        _, _, wrong, _ = grounding.ground_split(oracle_run, split)
+        _, _, wrong, _, _ = grounding.ground_split(oracle_run, split)
         single = [s for s, two in zip(wrong, two_box) if not two]
         assert np.mean([s["pointing_game"] for s in single]) <= chance, how
         assert np.mean([s["miou"] for s in single]) < 0.05, how
