@@ -144,6 +144,9 @@ PAPER: dict[str, Any] = dict(
         # Generator of the dropout bits (train/step.py PRNG_IMPLS). threefry2x32 = the state key itself, as all
         # earlier runs; philox4x32 was ~0.5% faster on CPU at the paper config (docs/benchmarks.md), rbg slower.
         prng_impl="threefry2x32",
+        # Log the method's word-to-region map statistics on each training batch (Objective.map_diagnostics, as
+        # attention/*: e.g. GLoRIA's [CLS] share of its first softmax); metrics only, the loss is unchanged.
+        map_diagnostics=True,
         eval_at_end=True,
     ),
     mesh=dict(data=-1, fsdp=1),     # -1: all remaining devices
@@ -318,7 +321,7 @@ def validate(config, *, num_devices: int) -> None:
 # it keeps, the end-of-run evaluation, what a non-finite step does, prefetch depth and the device layout (a
 # checkpoint restores onto any mesh). Every other field changes the run (schedule, batch, model, method, data).
 RESUME_NEUTRAL_FIELDS = ("train.log_every_steps", "train.ckpt_every_steps", "train.keep_ckpts", "train.eval_at_end",
-                         "train.nonfinite", "data.prefetch", "mesh", "param_sharding", "model.remat",
+                         "train.nonfinite", "train.map_diagnostics", "data.prefetch", "mesh", "param_sharding", "model.remat",
                          "model.fusion_barrier")
 
 

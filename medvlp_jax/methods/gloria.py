@@ -65,8 +65,9 @@ O(b^2 d) FLOPs, O(b^2) memory.
 
 Also here: ``similarity_maps`` (beta of the matching pairs, the attention maps GLoRIA plots and grounding
 reads), ``gloria_zero_shot_scores`` (methods.md 3.4), a pure function, and the map diagnostics the grounding
-evaluator reports as ``attention/*``: ``first_softmax_cls_share`` (how much of the first softmax [CLS] takes)
-and ``word_map_peak_mass`` (1/p when every word's map is uniform).
+evaluator (and the train loop, ``train.map_diagnostics``) reports as ``attention/*``:
+``first_softmax_cls_share`` (how much of the first softmax [CLS] takes), ``word_map_peak_mass`` (1/p when every
+word's map is uniform) and ``cls_word_norm_ratio`` (|e_[CLS]| over the words' mean norm).
 """
 from __future__ import annotations
 
@@ -245,6 +246,20 @@ def first_softmax_cls_share(word_emb: Array, word_set: Array, patch_emb: Array) 
     return jnp.where(word_set[:, 0], jnp.mean(a[:, 0, :], axis=-1), 0.0)
 
 
+def cls_word_norm_ratio(word_emb: Array, word_mask: Array, slot_mask: Array) -> Array:
+    """|e_[CLS]| over the mean norm of the text's real words: whether [CLS] wins the first softmax by size.
+
+    Args:
+      word_emb: [b, t, d] (slot 0 = [CLS]); word_mask: [b, t] bool real words; slot_mask: [b, t] bool.
+    Returns:
+      [b]; 0 where a text has no word or no [CLS] slot.
+    """
+    norms = common.safe_norm(local_ops.wide(word_emb), axis=-1)                 # [b, t]
+    word_norm = common.masked_mean(norms, word_mask, axis=-1)
+    ok = slot_mask[:, 0] & jnp.any(word_mask, axis=-1) & (word_norm > 0)
+    return jnp.where(ok, norms[:, 0] / jnp.where(ok, word_norm, 1.0), 0.0)
+
+
 def _cross_block(words: Array, word_set: Array, regions: Array, temp1, temp2, agg: str,
                  attention: str = "words_then_regions") -> Array:
     """R for c texts against n images. words: [c, t, d]; word_set: [c, t]; regions: [n, p, d]. Returns [c, n]."""
@@ -397,9 +412,11 @@ def make(cfg, *, steps_per_epoch: int) -> Objective:
         return attention_maps(out.word_emb, words, out.patch_emb, settings.temp1, settings.attention)
 
     def map_diagnostics(method_params, out: EncoderOutputs) -> dict[str, Array]:
-        """Per pair: the [CLS] share of the first softmax (authors' two softmaxes) and the words' peak mass."""
+        """Per pair: the [CLS] share of the first softmax (authors' two softmaxes), the words' peak mass and
+        [CLS]'s norm relative to the words'."""
         beta = similarity_maps(method_params, out)
-        stats = {"word_map_peak_mass": common.word_map_peak_mass(beta, out.word_mask)}
+        stats = {"word_map_peak_mass": common.word_map_peak_mass(beta, out.word_mask),
+                 "cls_word_norm_ratio": cls_word_norm_ratio(out.word_emb, out.word_mask, out.slot_mask)}
         if settings.attention == "words_then_regions":
             words = local_word_set(out.word_mask, out.slot_mask, settings.include_cls_word,
                                    settings.include_sep_word)

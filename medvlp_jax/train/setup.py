@@ -68,7 +68,8 @@ class Setup:
         c = self.config
         train_step = step_lib.make_train_step(self.model, self.objective, self.tx, self.schedule,
                                               grad_accum_steps=c.optim.grad_accum_steps,
-                                              prng_impl=c.train.get("prng_impl", "threefry2x32"))
+                                              prng_impl=c.train.get("prng_impl", "threefry2x32"),
+                                              map_diagnostics=c.train.get("map_diagnostics", True))
         return step_lib.jit_train_step(train_step, self.shardings, sharding_lib.batch_sharding(self.mesh),
                                        sharding_lib.replicated(self.mesh))
 

@@ -44,13 +44,30 @@ def dropout_key(rng: jax.Array, prng_impl: str = "threefry2x32") -> jax.Array:
     return jax.random.wrap_key_data(words, impl=prng_impl)
 
 
+def map_diagnostic_metrics(objective, method_params, out, batch: dict) -> dict[str, jax.Array]:
+    """The objective's ``map_diagnostics`` on the batch's own pairs, as ``attention/<name>`` scalars.
+
+    Means over the valid rows of the batch (``batch["valid"]``, all rows when absent), taken on
+    stop-gradient copies: the loss and its gradient are untouched. {} when the objective has none.
+    """
+    if objective.map_diagnostics is None:
+        return {}
+    out = jax.tree.map(jax.lax.stop_gradient, out)
+    stats = objective.map_diagnostics(jax.lax.stop_gradient(method_params), out)
+    b = out.img_emb.shape[0]
+    valid = batch.get("valid", jnp.ones((b,), bool)).astype(jnp.float32)
+    return {f"attention/{k}": jnp.sum(v * valid) / jnp.maximum(jnp.sum(valid), 1.0) for k, v in stats.items()}
+
+
 def make_train_step(model, objective, tx: optax.GradientTransformation, schedule: Callable, *,
-                    grad_accum_steps: int = 1,
-                    prng_impl: str = "threefry2x32") -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    grad_accum_steps: int = 1, prng_impl: str = "threefry2x32",
+                    map_diagnostics: bool = True) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Returns the (un-jitted) pure train step; ``jit_train_step`` adds shardings and donation.
 
     ``prng_impl`` (``config.train.prng_impl``) generates the dropout masks (``dropout_key``); the objective's
-    ``rng`` stays the threefry step key.
+    ``rng`` stays the threefry step key. ``map_diagnostics`` (``config.train.map_diagnostics``) adds the
+    objective's map statistics on the training batch to the metrics (``map_diagnostic_metrics``; with dropout,
+    as the loss sees the batch), so a collapse of the word-to-region maps shows in the training curves.
     """
     if prng_impl not in PRNG_IMPLS:            # fail here, not inside jit
         raise ValueError(f"config.train.prng_impl={prng_impl!r}; use one of {PRNG_IMPLS}")
@@ -64,6 +81,8 @@ def make_train_step(model, objective, tx: optax.GradientTransformation, schedule
         else:
             out, new_model_state = model.apply(variables, batch, train=True, rngs=rngs), {}
         loss, metrics = objective.loss(params["method"], out, batch, LossContext(step, rng, teacher_out))
+        if map_diagnostics:
+            metrics = dict(metrics, **map_diagnostic_metrics(objective, params["method"], out, batch))
         return loss, (metrics, dict(new_model_state))
 
     grad_fn = jax.value_and_grad(forward_loss, has_aux=True)

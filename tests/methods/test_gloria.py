@@ -290,9 +290,12 @@ def test_map_diagnostics_match_reference():
         np.testing.assert_allclose(stats["first_softmax_cls_share"][i], attn[:, 0].mean(), rtol=1e-5)
         # the peak mass counts the real words only ([CLS] is column 0 of beta)
         np.testing.assert_allclose(stats["word_map_peak_mass"][i], beta[1:].max(axis=1).mean(), rtol=1e-5)
+        norms = np.linalg.norm(E[i, cols], axis=1)
+        np.testing.assert_allclose(stats["cls_word_norm_ratio"][i], norms[0] / norms[1:].mean(), rtol=1e-5)
     assert np.all(jax.device_get(objective(include_cls_word=False).map_diagnostics({}, out))
                   ["first_softmax_cls_share"] == 0)
-    assert set(objective(attention="regions").map_diagnostics({}, out)) == {"word_map_peak_mass"}
+    assert set(objective(attention="regions").map_diagnostics({}, out)) == {"word_map_peak_mass",
+                                                                            "cls_word_norm_ratio"}
 
 
 def test_a_dominant_cls_flattens_every_word_map():

@@ -71,3 +71,49 @@ def test_gradient_accumulation_matches_full_batch_for_per_example_loss():
     p_acc, h_acc, _, _ = helpers.run_steps(config_acc, (1, 1), [full])
     np.testing.assert_allclose(h_half[0]["train/loss"], h_acc[0]["train/loss"], rtol=1e-5)
     _close_trees(p_half, p_acc)
+
+
+def test_map_diagnostic_metrics_are_valid_row_means_outside_the_gradient():
+    """``attention/<name>`` = the mean of the objective's per-pair statistic over valid rows; no gradient."""
+    import jax.numpy as jnp
+
+    from medvlp_jax.methods import Objective
+    from medvlp_jax.train.step import map_diagnostic_metrics
+    from medvlp_jax.types import EncoderOutputs
+
+    def stats(method_params, out):
+        return {"row_sum": jnp.sum(out.img_emb, axis=-1) * method_params["scale"]}
+
+    obj = Objective(name="stand_in", init=None, loss=None, map_diagnostics=stats)
+    def outputs(img):
+        none = dict.fromkeys(("patch_emb", "word_emb", "word_mask", "slot_mask", "word_attn", "patch_attn",
+                              "img_feat", "txt_feat", "patch_feat", "word_feat"))
+        return EncoderOutputs(img_emb=img, txt_emb=img, **none)
+
+    img = jnp.arange(8.0).reshape(4, 2)                                   # row sums 1, 5, 9, 13
+    out = outputs(img)
+    valid = jnp.array([True, False, True, True])
+    got = map_diagnostic_metrics(obj, {"scale": 2.0}, out, {"valid": valid})
+    np.testing.assert_allclose(float(got["attention/row_sum"]), 2.0 * (1 + 9 + 13) / 3, rtol=1e-6)
+    assert float(map_diagnostic_metrics(obj, {"scale": 1.0}, out, {})["attention/row_sum"]) == 7.0
+    grad = jax.grad(lambda x: map_diagnostic_metrics(obj, {"scale": 1.0}, outputs(x), {})["attention/row_sum"])(img)
+    assert not np.any(np.asarray(grad))
+    assert map_diagnostic_metrics(obj._replace(map_diagnostics=None), {}, out, {}) == {}
+
+
+def test_map_diagnostics_in_the_step_leave_training_unchanged(fewer_xla_optimisations):
+    """GLoRIA's step with ``train.map_diagnostics`` logs its [CLS] share etc. and trains exactly as without."""
+    config = helpers.load_config("gloria")
+    batches = [helpers.random_batch(config, 8, seed=s) for s in range(2)]
+    off = config.copy_and_resolve_references()
+    off.train.map_diagnostics = False
+    p_on, h_on, _, _ = helpers.run_steps(config, (1, 1), batches)
+    p_off, h_off, _, _ = helpers.run_steps(off, (1, 1), batches)
+    assert not any(k.startswith("attention/") for k in h_off[0])
+    for h in h_on:
+        assert 0.0 <= h["attention/first_softmax_cls_share"] <= 1.0
+        assert 0.0 < h["attention/word_map_peak_mass"] <= 1.0
+        assert h["attention/cls_word_norm_ratio"] > 0.0
+    for a, b in zip(h_on, h_off):
+        assert a["train/loss"] == b["train/loss"]
+    _close_trees(p_on, p_off, rtol=1e-6, atol=1e-7)
