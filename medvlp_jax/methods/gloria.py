@@ -33,6 +33,12 @@ Config (``config.method``), defaults = the authors' arithmetic:
       Used in the loss, the maps and GLoRIA's zero-shot scores (``gloria_zero_shot_scores``).
   local_weight, global_weight: 1.0, 1.0.
   local_agg: "sum" (log-sum-exp over words, the authors' default) | "mean" (log-mean-exp, their option).
+      "sum" adds log(#words) to R, so at initialisation the longest report wins every image (the demo's
+      image->text local CE starts at 7.1-7.6 against chance 4.16). On two demo seeds of three, training
+      removes that bias within 100 steps by making [CLS] the winner of the first softmax at every region
+      (``include_cls_word``). "mean" starts at chance
+      and does not collapse on any of three demo seeds, but its maps are at chance there too
+      (docs/demo_results.md, "Why [CLS] takes the first softmax").
   count_unk_words [quirk]: False (authors: the local term uses the first n_i = (#words whose string does
       not start with "[") + 1 slots, so an [UNK] word -- which keeps its own slot, data/tokenizer.py --
       is not counted yet occupies a column, and the LAST real word of the text is dropped, one per [UNK]);
@@ -41,8 +47,9 @@ Config (``config.method``), defaults = the authors' arithmetic:
   include_cls_word [quirk]: True (authors: [CLS] takes part as a word in the local term); False = fixed.
       On the demo it is what flattens the authors' maps on two seeds of three: trained, [CLS] takes >99% of
       the first softmax at every region, so each word's map is uniform (the grounding evaluator's
-      ``attention/first_softmax_cls_share``; docs/demo_results.md, "Why GLoRIA's maps collapse"). False
-      removes the collapse but the maps stay at chance there.
+      ``attention/first_softmax_cls_share``, also logged in training; docs/demo_results.md, "Why GLoRIA's
+      maps collapse"). [CLS] wins by direction, not norm, while training removes ``local_agg="sum"``'s
+      word-count bias (above). False removes the collapse but the maps stay at chance there.
   include_sep_word [quirk]: False (authors: the first n_i = #words + 1 columns, so [SEP] is dropped);
       True adds [SEP] (the slot after the last word) to the local words.
   report_vector [quirk]: how g^T is formed.
@@ -66,7 +73,8 @@ O(b^2 d) FLOPs, O(b^2) memory.
 Also here: ``similarity_maps`` (beta of the matching pairs, the attention maps GLoRIA plots and grounding
 reads), ``gloria_zero_shot_scores`` (methods.md 3.4), a pure function, and the map diagnostics the grounding
 evaluator (and the train loop, ``train.map_diagnostics``) reports as ``attention/*``:
-``first_softmax_cls_share`` (how much of the first softmax [CLS] takes), ``word_map_peak_mass`` (1/p when every
+``first_softmax_cls_share`` (how much of the first softmax [CLS] takes), ``first_softmax_top_share`` (how
+much its largest slot takes, whichever it is), ``word_map_peak_mass`` (1/p when every
 word's map is uniform) and ``cls_word_norm_ratio`` (|e_[CLS]| over the words' mean norm).
 """
 from __future__ import annotations
@@ -246,6 +254,22 @@ def first_softmax_cls_share(word_emb: Array, word_set: Array, patch_emb: Array) 
     return jnp.where(word_set[:, 0], jnp.mean(a[:, 0, :], axis=-1), 0.0)
 
 
+def first_softmax_top_share(word_emb: Array, word_set: Array, patch_emb: Array) -> Array:
+    """How much of the authors' first softmax its largest slot takes, whichever slot that is.
+
+    Args:
+      word_emb: [b, t, d]; word_set: [b, t] bool; patch_emb: [b, p, d].
+    Returns:
+      [b]: max over the words of the first softmax, averaged over the p regions (1/#words when it is uniform;
+      near 1, one slot takes every region and every other word's map is uniform). 0 for a text without words.
+    """
+    word_emb, patch_emb = local_ops.wide(word_emb), local_ops.wide(patch_emb)
+    dots = jnp.einsum("btd,bpd->btp", word_emb, patch_emb)
+    a = jax.nn.softmax(jnp.where(word_set[:, :, None], dots, common.NEG_INF), axis=-2)   # [b, t, p]
+    top = jnp.max(jnp.where(word_set[:, :, None], a, 0.0), axis=1)                       # [b, p]
+    return jnp.where(jnp.any(word_set, axis=-1), jnp.mean(top, axis=-1), 0.0)
+
+
 def cls_word_norm_ratio(word_emb: Array, word_mask: Array, slot_mask: Array) -> Array:
     """|e_[CLS]| over the mean norm of the text's real words: whether [CLS] wins the first softmax by size.
 
@@ -412,8 +436,8 @@ def make(cfg, *, steps_per_epoch: int) -> Objective:
         return attention_maps(out.word_emb, words, out.patch_emb, settings.temp1, settings.attention)
 
     def map_diagnostics(method_params, out: EncoderOutputs) -> dict[str, Array]:
-        """Per pair: the [CLS] share of the first softmax (authors' two softmaxes), the words' peak mass and
-        [CLS]'s norm relative to the words'."""
+        """Per pair: the [CLS] and the top slot's share of the first softmax (authors' two softmaxes), the
+        words' peak mass and [CLS]'s norm relative to the words'."""
         beta = similarity_maps(method_params, out)
         stats = {"word_map_peak_mass": common.word_map_peak_mass(beta, out.word_mask),
                  "cls_word_norm_ratio": cls_word_norm_ratio(out.word_emb, out.word_mask, out.slot_mask)}
@@ -421,6 +445,7 @@ def make(cfg, *, steps_per_epoch: int) -> Objective:
             words = local_word_set(out.word_mask, out.slot_mask, settings.include_cls_word,
                                    settings.include_sep_word)
             stats["first_softmax_cls_share"] = first_softmax_cls_share(out.word_emb, words, out.patch_emb)
+            stats["first_softmax_top_share"] = first_softmax_top_share(out.word_emb, words, out.patch_emb)
         return stats
 
     zero_shot_scores = zero_shot_scorer(report_vector_mode=settings.report_vector, attention=settings.attention,

@@ -288,6 +288,7 @@ def test_map_diagnostics_match_reference():
         attn = np_softmax(V[i] @ E[i, cols].T, axis=1)                   # [p, words]: first softmax per region
         beta = np_softmax(4.0 * attn.T, axis=1)                          # [words, p]
         np.testing.assert_allclose(stats["first_softmax_cls_share"][i], attn[:, 0].mean(), rtol=1e-5)
+        np.testing.assert_allclose(stats["first_softmax_top_share"][i], attn.max(axis=1).mean(), rtol=1e-5)
         # the peak mass counts the real words only ([CLS] is column 0 of beta)
         np.testing.assert_allclose(stats["word_map_peak_mass"][i], beta[1:].max(axis=1).mean(), rtol=1e-5)
         norms = np.linalg.norm(E[i, cols], axis=1)
@@ -311,6 +312,7 @@ def test_a_dominant_cls_flattens_every_word_map():
     dominated = dataclasses.replace(out, word_emb=jnp.asarray(strong))
     stats = jax.device_get(objective().map_diagnostics({}, dominated))
     assert np.all(stats["first_softmax_cls_share"] > 0.99)
+    np.testing.assert_allclose(stats["first_softmax_top_share"], stats["first_softmax_cls_share"], rtol=1e-6)
     np.testing.assert_allclose(stats["word_map_peak_mass"], 1.0 / P, rtol=0.05)
 
 
@@ -414,3 +416,25 @@ def test_unk_words_faithful_and_fixed_match_reference():
     np.testing.assert_array_equal(np.asarray(m["loss/global"]), np.asarray(fixed_m["loss/global"]))
     assert abs(float(m["loss/local"]) - float(fixed_m["loss/local"])) > 1e-4
     np.testing.assert_allclose(float(m["loss/global"]), glob, rtol=2e-5)
+
+
+def test_sum_aggregation_adds_log_word_count_and_mean_does_not():
+    """Texts made of k copies of one word vector: R = 5 cos + log k with the authors' log-sum-exp (``local_agg=
+    "sum"``), R = 5 cos with log-mean-exp ("mean"). Times temp3 = 10 that is 10 log k logits in favour of longer
+    texts in the image->text direction, the start of the demo's [CLS] collapse (docs/demo_results.md)."""
+    rng = np.random.default_rng(3)
+    word = rng.normal(size=(D,))
+    counts = (1, 2, 4, 6)
+    word_emb = np.zeros((len(counts), T, D))
+    word_set = np.zeros((len(counts), T), bool)
+    for i, k in enumerate(counts):
+        word_emb[i, :k] = word
+        word_set[i, :k] = True
+    patches = jnp.asarray(rng.normal(size=(3, P, D)), jnp.float32)
+    r = {agg: np.asarray(gloria.local_similarity(jnp.asarray(word_emb, jnp.float32), jnp.asarray(word_set),
+                                                 patches, agg=agg))
+         for agg in ("sum", "mean")}                                              # [images, texts]
+    vbar = np.asarray(patches).mean(axis=1)                                       # identical words: uniform maps
+    cos = vbar @ word / (np.linalg.norm(vbar, axis=1) * np.linalg.norm(word))
+    np.testing.assert_allclose(r["mean"], np.repeat(5.0 * cos[:, None], len(counts), axis=1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(r["sum"] - r["mean"], np.broadcast_to(np.log(counts), r["sum"].shape), atol=1e-5)
