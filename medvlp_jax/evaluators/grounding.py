@@ -417,12 +417,8 @@ def ground_split(run, split: LocalizedSplit, *, mode: str = "auto", batch_size: 
     if not queries:
         return [], np.zeros((0, split.size, split.size), np.float32), [], np.zeros((0, 1, 1), np.float32), {}
     images = split.images[[q.example for q in queries]]
-    phrases = [q.phrase for q in queries]
-    if resolve_mode(run, mode) == "objective":
-        grids, attention = phrase_maps(run, images, phrases, mode=mode, batch_size=batch_size,
-                                       with_diagnostics=True)
-    else:
-        grids, attention = phrase_maps(run, images, phrases, mode=mode, batch_size=batch_size), {}
+    grids, attention = phrase_maps(run, images, [q.phrase for q in queries], mode=mode, batch_size=batch_size,
+                                   with_diagnostics=True)
     maps, centres = upsample_to_crop(run, grids, split.size, alignment)
     scores = [score_map(m, q.boxes, grid_map=g, centres=centres) for m, g, q in zip(maps, grids, queries)]
     return queries, maps, scores, grids, attention

@@ -36,9 +36,8 @@ Config (``config.method``), defaults = the authors' arithmetic:
       "sum" adds log(#words) to R, so at initialisation the longest report wins every image (the demo's
       image->text local CE starts at 7.1-7.6 against chance 4.16). On two demo seeds of three, training
       removes that bias within 100 steps by making [CLS] the winner of the first softmax at every region
-      (``include_cls_word``). "mean" starts at chance
-      and does not collapse on any of three demo seeds, but its maps are at chance there too
-      (docs/demo_results.md, "Why [CLS] takes the first softmax").
+      (``include_cls_word``). "mean" starts at chance and does not collapse on any of three demo seeds,
+      but its maps are at chance there too (docs/demo_results.md, "Why [CLS] takes the first softmax").
   count_unk_words [quirk]: False (authors: the local term uses the first n_i = (#words whose string does
       not start with "[") + 1 slots, so an [UNK] word -- which keeps its own slot, data/tokenizer.py --
       is not counted yet occupies a column, and the LAST real word of the text is dropped, one per [UNK]);
@@ -239,35 +238,23 @@ def attention_maps(word_emb: Array, word_set: Array, patch_emb: Array, temp1: fl
     return jnp.where(word_set[:, :, None], beta, 0.0)
 
 
-def first_softmax_cls_share(word_emb: Array, word_set: Array, patch_emb: Array) -> Array:
-    """How much of the authors' first softmax (over words, at each region) goes to slot 0 ([CLS]).
+def first_softmax_shares(word_emb: Array, word_set: Array, patch_emb: Array) -> dict[str, Array]:
+    """How the authors' first softmax (over words, at each region) is shared, averaged over the p regions.
 
     Args:
       word_emb: [b, t, d]; word_set: [b, t] bool (the words of the first softmax); patch_emb: [b, p, d].
     Returns:
-      [b]: the first softmax's weight on slot 0, averaged over the p regions; 0 where slot 0 is not in
-      ``word_set``. Near 1, every word's second-softmax map is uniform (temp1 times ~0 for all regions).
-    """
-    word_emb, patch_emb = local_ops.wide(word_emb), local_ops.wide(patch_emb)
-    dots = jnp.einsum("btd,bpd->btp", word_emb, patch_emb)
-    a = jax.nn.softmax(jnp.where(word_set[:, :, None], dots, common.NEG_INF), axis=-2)   # [b, t, p]
-    return jnp.where(word_set[:, 0], jnp.mean(a[:, 0, :], axis=-1), 0.0)
-
-
-def first_softmax_top_share(word_emb: Array, word_set: Array, patch_emb: Array) -> Array:
-    """How much of the authors' first softmax its largest slot takes, whichever slot that is.
-
-    Args:
-      word_emb: [b, t, d]; word_set: [b, t] bool; patch_emb: [b, p, d].
-    Returns:
-      [b]: max over the words of the first softmax, averaged over the p regions (1/#words when it is uniform;
-      near 1, one slot takes every region and every other word's map is uniform). 0 for a text without words.
+      {"first_softmax_cls_share": [b], the weight on slot 0 ([CLS]); 0 where slot 0 is not in ``word_set``.
+         Near 1, every word's second-softmax map is uniform (temp1 times ~0 for all regions).
+       "first_softmax_top_share": [b], the largest slot's weight, whichever slot (1/#words when uniform; near
+         1, one slot takes every region and every other word's map is uniform); 0 for a text without words.}
     """
     word_emb, patch_emb = local_ops.wide(word_emb), local_ops.wide(patch_emb)
     dots = jnp.einsum("btd,bpd->btp", word_emb, patch_emb)
     a = jax.nn.softmax(jnp.where(word_set[:, :, None], dots, common.NEG_INF), axis=-2)   # [b, t, p]
     top = jnp.max(jnp.where(word_set[:, :, None], a, 0.0), axis=1)                       # [b, p]
-    return jnp.where(jnp.any(word_set, axis=-1), jnp.mean(top, axis=-1), 0.0)
+    return {"first_softmax_cls_share": jnp.where(word_set[:, 0], jnp.mean(a[:, 0, :], axis=-1), 0.0),
+            "first_softmax_top_share": jnp.where(jnp.any(word_set, axis=-1), jnp.mean(top, axis=-1), 0.0)}
 
 
 def cls_word_norm_ratio(word_emb: Array, word_mask: Array, slot_mask: Array) -> Array:
@@ -444,8 +431,7 @@ def make(cfg, *, steps_per_epoch: int) -> Objective:
         if settings.attention == "words_then_regions":
             words = local_word_set(out.word_mask, out.slot_mask, settings.include_cls_word,
                                    settings.include_sep_word)
-            stats["first_softmax_cls_share"] = first_softmax_cls_share(out.word_emb, words, out.patch_emb)
-            stats["first_softmax_top_share"] = first_softmax_top_share(out.word_emb, words, out.patch_emb)
+            stats.update(first_softmax_shares(out.word_emb, words, out.patch_emb))
         return stats
 
     zero_shot_scores = zero_shot_scorer(report_vector_mode=settings.report_vector, attention=settings.attention,

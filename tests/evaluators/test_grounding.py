@@ -207,7 +207,8 @@ def test_evaluate_rewards_a_map_that_finds_the_box(syn_run, monkeypatch):
         for image, phrase in zip(images, phrases):
             b = boxes[(by_image[np.asarray(image).tobytes()], phrase)]
             out.append(grounding.box_masks(b, 32, 32).any(0) + 0.01 * rng.random((32, 32)))
-        return np.stack(out).astype(np.float32)
+        maps = np.stack(out).astype(np.float32)
+        return (maps, {}) if kw.get("with_diagnostics") else maps
 
     monkeypatch.setattr(grounding, "phrase_maps", oracle)
     res = grounding.evaluate(syn_run, ml_collections.ConfigDict(dict(data=evaluators.default_data(),
