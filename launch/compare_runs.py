@@ -13,6 +13,14 @@ metric (repeatable; --untrained_group likewise for their untrained suites); prot
   python launch/compare_runs.py --suite --group=convirt=runs/convirt_s0,runs/convirt_s1,runs/convirt_s2 \
       --group=gloria=runs/gloria_s0,runs/gloria_s1,runs/gloria_s2 --untrained_group=untrained=runs/convirt_s0
 
+With --findings=own|cosine|both, the table is the grounding evaluator's pointing game per finding instead (rows:
+findings, most phrases first, with the random-peak chance and the mask oracle; columns: the runs and groups, the
+method's own maps, the phrase-patch cosine maps or both), from ``eval/grounding.json`` (``--untrained_group``:
+``grounding_untrained.json``):
+
+  python launch/compare_runs.py --findings=both --group=plan=runs/plan_s0,runs/plan_s1,runs/plan_s2 \
+      --group=convirt=runs/convirt_s0,runs/convirt_s1,runs/convirt_s2 --untrained_group=untrained=runs/plan_s0
+
 For the untrained column, first run ``python launch/evaluate.py --config=configs/eval/quick.py
 --checkpoint=<run> --untrained``; for FLOPs, ``python launch/benchmark.py --config=configs/<method>.py:demo``
 (its JSON, runs/benchmarks/<method>_<variant>_<platform>.json, is found with --benchmarks). See
@@ -63,6 +71,8 @@ def main(argv=None) -> int:
                    help="with --suite: LABEL=<run>,<run>,... one column, mean ± sd over the runs (repeatable)")
     p.add_argument("--untrained_group", action="append", default=[],
                    help="with --suite: LABEL=<run>,... one column over those runs' untrained suites (repeatable)")
+    p.add_argument("--findings", default=None, choices=("own", "cosine", "both"),
+                   help="tabulate the grounding pointing game per finding: the own maps, cosine maps or both")
     a = p.parse_args(argv)
     groups, untrained_groups = _parse_groups(a.group), _parse_groups(a.untrained_group)
     if groups is None or untrained_groups is None:
@@ -71,17 +81,34 @@ def main(argv=None) -> int:
     if not a.workdirs and not grouped:
         print("error: name at least one workdir or --group", file=sys.stderr)
         return 2
-    if grouped and not a.suite:
-        print("error: --group and --untrained_group need --suite", file=sys.stderr)
+    if grouped and not (a.suite or a.findings):
+        print("error: --group and --untrained_group need --suite or --findings", file=sys.stderr)
+        return 2
+    if a.suite and a.findings:
+        print("error: --suite and --findings are two different tables: pick one", file=sys.stderr)
         return 2
     for w in a.workdirs + a.untrained + grouped:
         if not os.path.exists(os.path.join(w, "config.json")):
             print(f"error: {w!r} is not a pretraining workdir (no config.json)", file=sys.stderr)
             return 2
-    if a.untrained and not a.suite:
-        print("error: --untrained needs --suite", file=sys.stderr)
+    if a.untrained and not (a.suite or a.findings):
+        print("error: --untrained needs --suite or --findings", file=sys.stderr)
         return 2
-    if a.suite:
+    if a.findings:
+        maps = ("own", "cosine") if a.findings == "both" else (a.findings,)
+        try:
+            columns = [(run_summary.method_name(w), [run_summary.finding_pointing_games(w)]) for w in a.workdirs]
+            columns += [(f"untrained ({run_summary.method_name(w)} arch.)",
+                         [run_summary.finding_pointing_games(w, untrained=True)]) for w in a.untrained]
+            columns += [(f"{label} (n={len(ws)})", [run_summary.finding_pointing_games(w) for w in ws])
+                        for label, ws in groups]
+            columns += [(f"{label} (n={len(ws)})", [run_summary.finding_pointing_games(w, untrained=True) for w in ws])
+                        for label, ws in untrained_groups]
+            md = run_summary.finding_table(columns, maps)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    elif a.suite:
         columns = [(run_summary.method_name(w), run_summary.suite_headlines(w)) for w in a.workdirs]
         columns += [(f"untrained ({run_summary.method_name(w)} arch.)", run_summary.suite_headlines(w, untrained=True))
                     for w in a.untrained]

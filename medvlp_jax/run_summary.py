@@ -7,6 +7,8 @@ Reads only what a run wrote: ``metrics.jsonl`` (losses and steps/s as logged, me
 ``eval_results.json`` (the end-of-run evaluation, medvlp_jax/evaluators/quick.py), ``eval/quick_untrained.json``
 when ``launch/evaluate.py --config=configs/eval/quick.py --untrained`` was run (the same encoders at
 initialisation), and a ``launch/benchmark.py`` JSON for the compiled step's FLOPs and median step time.
+``suite_table`` tabulates the evaluation suite's headline metrics and ``finding_table`` the grounding pointing
+game per finding, each over runs or seed groups (``launch/compare_runs.py --suite`` / ``--findings``).
 """
 from __future__ import annotations
 
@@ -178,4 +180,69 @@ def suite_table(columns: list[tuple[str, dict[str, Any]]]) -> str:
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     minutes = ["-" if h.get("seconds") is None else f"{h['seconds'] / 60:.1f}" for _, h in columns]
     lines.append("| evaluator minutes (sum of protocol/seconds) | " + " | ".join(minutes) + " |")
+    return "\n".join(lines)
+
+
+# The grounding evaluator's per-finding pointing game (eval/grounding.json): the map kinds it scores.
+FINDING_MAPS = {"own": "pointing_game", "cosine": "cosine/pointing_game"}
+
+
+def finding_pointing_games(workdir: str, untrained: bool = False) -> dict[str, dict[str, Any]]:
+    """Per-finding pointing game of one run's ``eval/grounding.json`` (``grounding_untrained.json`` with
+    ``untrained``): {finding: {"phrases", "chance", "oracle", "own", "cosine"}} (a value None when absent).
+
+    Raises FileNotFoundError (naming the file and the command that writes it) when the run has no grounding
+    results.
+    """
+    path = os.path.join(workdir, "eval", f"grounding{'_untrained' if untrained else ''}.json")
+    d = _read_json(path)
+    if d is None:
+        raise FileNotFoundError(f"{path} does not exist: run launch/evaluate.py --config=configs/eval/grounding.py "
+                                f"--checkpoint={workdir}{' --untrained' if untrained else ''} first")
+    prefix = "protocol/num_phrases/"
+    out = {}
+    for key in d:
+        if key.startswith(prefix):
+            finding = key[len(prefix):]
+            out[finding] = {"phrases": d[key], "chance": d.get(f"pointing_game_chance/{finding}"),
+                            "oracle": d.get(f"oracle/pointing_game/{finding}"),
+                            **{m: d.get(f"{k}/{finding}") for m, k in FINDING_MAPS.items()}}
+    return out
+
+
+def finding_table(columns: list[tuple[str, list[dict[str, dict[str, Any]]]]], maps=("own", "cosine")) -> str:
+    """A finding x (run, map) Markdown table of pointing games, most phrases first.
+
+    columns: (title, [finding_pointing_games of each seed]); each cell is the mean ± sample sd over the seeds.
+    The phrase count and the random-peak chance are the same for every run of one evaluation split (a
+    ValueError names the first run that differs); the mask oracle is shown once when every run has the same
+    one (the same grid), else "varies".
+    """
+    runs = [(title, r) for title, rs in columns for r in rs]
+    if not runs:
+        raise ValueError("no runs to tabulate")
+    ref_title, ref = runs[0]
+    for title, r in runs[1:]:
+        for finding in set(ref) | set(r):
+            a, b = ref.get(finding), r.get(finding)
+            if a is None or b is None or a["phrases"] != b["phrases"] or a["chance"] != b["chance"]:
+                raise ValueError(f"{title!r} and {ref_title!r} were not evaluated on the same phrases "
+                                 f"(finding {finding!r}): compare runs of one evaluation split")
+    heads = [f"{title} {m}" if len(maps) > 1 else title for title, _ in columns for m in maps]
+    lines = ["| finding | phrases | chance | mask oracle | " + " | ".join(heads) + " |",
+             "|---|" + "---|" * (3 + len(heads))]
+    for finding in sorted(ref, key=lambda f: (-ref[f]["phrases"], f)):
+        oracles = {r[finding]["oracle"] for _, r in runs}
+        oracle = "varies" if len(oracles) > 1 else _cell(ref[finding]["oracle"], "{:.2f}")
+        cells = []
+        for _, rs in columns:
+            for m in maps:
+                values = [float(r[finding][m]) for r in rs if r[finding][m] is not None]
+                if not values:
+                    cells.append("-")
+                else:
+                    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+                    cells.append(_cell((statistics.mean(values), sd, len(values)), "{:.2f}"))
+        lines.append(f"| {finding} | {ref[finding]['phrases']} | {_cell(ref[finding]['chance'], '{:.2f}')} | "
+                     f"{oracle} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

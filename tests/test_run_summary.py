@@ -141,3 +141,58 @@ def test_cli_suite(tmp_path):
     assert "| zero-shot macro AUROC | 0.700 ± 0.000 | 0.350 |" in r.stdout
     r = subprocess.run(cli + ["--suite", "--group=convirt"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: --group") and len(r.stderr.splitlines()) == 1
+
+
+def _grounding_file(w, own, cosine, phrases=(4, 10), chance=(0.25, 0.1), oracle=(1.0, 0.9), suffix=""):
+    """eval/grounding<suffix>.json with two findings, "nodule" and "effusion", as the evaluator writes them."""
+    (w / "eval").mkdir(parents=True, exist_ok=True)
+    if not (w / "config.json").exists():
+        (w / "config.json").write_text(json.dumps({"method": {"name": "plan"}, "variant": "demo"}))
+    d = {"pointing_game": 0.5, "protocol/num_phrases": sum(phrases)}
+    for k, f in enumerate(("nodule", "effusion")):
+        d.update({f"protocol/num_phrases/{f}": phrases[k], f"pointing_game_chance/{f}": chance[k],
+                  f"oracle/pointing_game/{f}": oracle[k], f"pointing_game/{f}": own[k],
+                  f"cosine/pointing_game/{f}": cosine[k]})
+    (w / "eval" / f"grounding{suffix}.json").write_text(json.dumps(d))
+    return str(w)
+
+
+def test_finding_table_mean_sd_order_and_split_check(tmp_path):
+    """Per-finding pointing game over seeds, by hand: most phrases first, mean ± sample sd, chance and oracle once."""
+    from medvlp_jax import run_summary
+    a = _grounding_file(tmp_path / "s0", own=(0.5, 0.2), cosine=(0.25, 0.1))
+    b = _grounding_file(tmp_path / "s1", own=(0.75, 0.4), cosine=(0.25, 0.3))
+    ra, rb = run_summary.finding_pointing_games(a), run_summary.finding_pointing_games(b)
+    assert ra["nodule"] == {"phrases": 4, "chance": 0.25, "oracle": 1.0, "own": 0.5, "cosine": 0.25}
+    md = run_summary.finding_table([("plan", [ra, rb]), ("one", [ra])], maps=("own", "cosine"))
+    lines = md.splitlines()
+    assert lines[0] == "| finding | phrases | chance | mask oracle | plan own | plan cosine | one own | one cosine |"
+    # effusion (10 phrases) before nodule (4); sd of (0.2, 0.4) = 0.1414, of (0.5, 0.75) = 0.1768
+    assert lines[2] == "| effusion | 10 | 0.10 | 0.90 | 0.30 ± 0.14 | 0.20 ± 0.14 | 0.20 | 0.10 |"
+    assert lines[3] == "| nodule | 4 | 0.25 | 1.00 | 0.62 ± 0.18 | 0.25 ± 0.00 | 0.50 | 0.25 |"
+    finer = run_summary.finding_pointing_games(_grounding_file(tmp_path / "vit", own=(0.5, 0.2), cosine=(0, 0),
+                                                               oracle=(1.0, 0.95)))
+    assert "| effusion | 10 | 0.10 | varies |" in run_summary.finding_table([("a", [ra]), ("vit", [finer])], ("own",))
+    other_split = run_summary.finding_pointing_games(_grounding_file(tmp_path / "x", own=(0, 0), cosine=(0, 0),
+                                                                     phrases=(5, 10)))
+    with pytest.raises(ValueError, match="same phrases"):
+        run_summary.finding_table([("a", [ra]), ("x", [other_split])])
+    with pytest.raises(FileNotFoundError, match="configs/eval/grounding.py .*--untrained"):
+        run_summary.finding_pointing_games(a, untrained=True)
+
+
+def test_cli_findings(tmp_path):
+    cli = [sys.executable, os.path.join(ROOT, "launch", "compare_runs.py")]
+    a = _grounding_file(tmp_path / "s0", own=(0.5, 0.2), cosine=(0.25, 0.1))
+    b = _grounding_file(tmp_path / "s1", own=(0.75, 0.4), cosine=(0.25, 0.3))
+    _grounding_file(tmp_path / "s0", own=(0.0, 0.1), cosine=(0.0, 0.0), suffix="_untrained")
+    r = subprocess.run(cli + ["--findings=own", f"--group=plan={a},{b}", f"--untrained_group=untrained={a}"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "| finding | phrases | chance | mask oracle | plan (n=2) | untrained (n=1) |" in r.stdout
+    assert "| effusion | 10 | 0.10 | 0.90 | 0.30 ± 0.14 | 0.10 |" in r.stdout
+    r = subprocess.run(cli + ["--findings=both", f"--untrained_group=untrained={b}"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "grounding_untrained.json does not exist" in r.stderr
+    r = subprocess.run(cli + ["--findings=own", "--suite", a], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "pick one" in r.stderr
